@@ -1,0 +1,1 @@
+"""meml: a from-scratch PyTorch reference implementation of MEML-GRPO (arXiv 2508.09670)."""
