@@ -17,6 +17,12 @@ from collections import Counter
 from itertools import combinations
 from math import comb
 
+import torch
+
+from meml.prompts import expert_prompt
+from meml.rewards import extract_answer, reward
+from meml.sampler import generate
+
 
 def accuracy(correct: list[bool]) -> float:
     return sum(correct) / len(correct) if correct else 0.0
@@ -61,3 +67,56 @@ def error_overlap(correct: list[list[bool]]) -> list[dict]:
                 "exactly_wrong": sum(s == w for w in wrong_sets),
             })
     return rows
+
+
+def _complete(model, tokenizer, prompts, *, max_new_tokens, batch_size, temperature, generator):
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        gen = generate(model, prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
+                       stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size,
+                       temperature=temperature, generator=generator)
+        texts += [tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
+                  for ids, mask in zip(gen.completion_ids, gen.completion_mask)]
+    return texts
+
+
+@torch.no_grad()
+def evaluate_experts(model, tokenizer, examples, system_prompts: list[str], dataset: str, *,
+                     max_new_tokens: int = 256, batch_size: int = 64, pass_k: int = 0,
+                     seed: int = 0) -> dict:
+    """E8: greedy accuracy per expert prompt, majority vote, oracle, error overlap; and pass@1 /
+    pass@k per expert from `pass_k` samples at temperature 1 (skipped when pass_k is 0)."""
+    model.eval()
+    num_experts = len(system_prompts)
+    prompts = [expert_prompt(tokenizer, p, dataset, ex) for ex in examples for p in system_prompts]
+    texts = _complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                      temperature=0.0, generator=None)
+    correct, votes_right = [], []
+    for q, ex in enumerate(examples):
+        row = texts[q * num_experts:(q + 1) * num_experts]
+        ok = [reward(dataset, t, ex) == 1.0 for t in row]
+        answers = [extract_answer(dataset, t) for t in row]
+        winner = majority_vote(answers)
+        votes_right.append(winner is not None and ok[answers.index(winner)])
+        correct.append(ok)
+    result = {
+        "num_questions": len(examples),
+        "accuracy": [accuracy([row[i] for row in correct]) for i in range(num_experts)],
+        "majority_vote": accuracy(votes_right),
+        "oracle": oracle_accuracy(correct),
+        "error_overlap": error_overlap(correct),
+        "samples": [{"id": examples[q].id, "expert": i, "text": texts[q * num_experts + i]}
+                    for q in range(min(3, len(examples))) for i in range(num_experts)],
+    }
+    if pass_k:
+        generator = torch.Generator(device=model.output_weight.device).manual_seed(seed)
+        sampled = _complete(model, tokenizer, [p for p in prompts for _ in range(pass_k)],
+                            max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=1.0,
+                            generator=generator)
+        hits = [sum(reward(dataset, t, examples[row // num_experts]) == 1.0
+                    for t in sampled[row * pass_k:(row + 1) * pass_k]) for row in range(len(prompts))]
+        for k in sorted({1, pass_k}):
+            result[f"pass@{k}"] = [
+                sum(pass_at_k(pass_k, c, k) for c in hits[i::num_experts]) / len(examples)
+                for i in range(num_experts)]
+    return result

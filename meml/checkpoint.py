@@ -1,0 +1,76 @@
+"""Training checkpoints that are written atomically and resume exactly.
+
+A checkpoint is a folder `checkpoint-000012/` inside the run folder holding
+- the model in Hugging Face layout (config.json + model.safetensors) and the tokenizer files,
+  so `evaluate.py --model` and `transformers` load it as they would any checkpoint;
+- `trainer_state.pt`: optimizer state, every random generator's state, the hard-example
+  buffer, the data position and the step, i.e. everything a resumed run needs to take the same
+  path as an uninterrupted one.
+
+Atomicity: everything is written into a hidden temporary folder beside the final one, flushed
+to disk, and only then renamed into place. A run killed mid-write leaves at most a stray
+temporary folder, which `latest_checkpoint` ignores; the previous checkpoint stays intact.
+"""
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+TRAINER_STATE = "trainer_state.pt"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer_dir: Path, trainer_state: dict,
+                    keep: int = 2) -> Path:
+    """Write checkpoint-<step> atomically; keep only the newest `keep` checkpoints."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / f"checkpoint-{step:06d}"
+    tmp = run_dir / f".checkpoint-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model.save_pretrained(tmp)
+    for name in TOKENIZER_FILES:
+        if (Path(tokenizer_dir) / name).exists():
+            shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
+    torch.save(trainer_state, tmp / TRAINER_STATE)
+    _fsync_tree(tmp)
+    if final.exists():  # the same step saved again (e.g. after a resume): replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints in the run folder, oldest first (temporary folders are ignored)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
+             if p.is_dir() and (m := _NAME.match(p.name)) and (p / TRAINER_STATE).exists()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_trainer_state(checkpoint_dir: Path) -> dict:
+    path = Path(checkpoint_dir) / TRAINER_STATE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {checkpoint_dir} is not a complete meml "
+                                f"checkpoint (expected config.json, model.safetensors, {TRAINER_STATE})")
+    return torch.load(path, weights_only=True)

@@ -1,0 +1,157 @@
+"""What every training stage shares: the loop, the log, checkpoints, resume and the NaN guard.
+
+MEF (meml/mef.py) and RIEL (meml/riel.py) each provide one function, `step_fn(step) -> (loss,
+metrics)`, that builds its batch for that step, computes the loss and calls backward. This loop
+does the rest the way a user of TRL or nanoGPT expects:
+
+- a progress line (step, rewards, loss parts, tokens/s, ETA) and one JSON line of metrics per
+  step in `metrics.jsonl`;
+- gradient clipping and an AdamW step;
+- a loss that is NaN or infinite stops the run *before* the optimizer touches the weights, with
+  a message naming the step and the loss parts; the last good checkpoint stays as it was;
+- a checkpoint every `save_every` steps and at the end of the stage, written atomically
+  (meml/checkpoint.py), holding what `resume` needs to continue bit-for-bit: the optimizer, the
+  random generators and whatever state the stage hands over (buffer, counters).
+
+Determinism on resume rests on one rule: every random choice a stage makes draws from a
+`torch.Generator` whose state is saved here, and every batch is a function of the step number.
+"""
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from meml.checkpoint import save_checkpoint
+
+
+class LossNotFinite(RuntimeError):
+    pass
+
+
+@dataclass
+class Stage:
+    name: str                    # "mef" or "riel": written into every checkpoint
+    total_steps: int
+    lr: float
+    save_every: int
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    step_offset: int = 0         # steps of earlier stages: checkpoints are numbered globally
+    generators: dict[str, torch.Generator] = field(default_factory=dict)  # saved and restored
+    extra_state: dict = field(default_factory=dict)  # objects with state_dict()/load_state_dict()
+
+
+def make_optimizer(model, stage: Stage) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.99))
+
+
+def lr_at(step: int, stage: Stage) -> float:
+    """Linear warm-up, then constant (the paper gives no schedule)."""
+    if stage.warmup_steps and step < stage.warmup_steps:
+        return stage.lr * (step + 1) / stage.warmup_steps
+    return stage.lr
+
+
+def trainer_state(stage: Stage, step: int, optimizer, carry: dict) -> dict:
+    return {
+        "stage": stage.name,
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "generators": {k: g.get_state() for k, g in stage.generators.items()},
+        "extra": {k: obj.state_dict() for k, obj in stage.extra_state.items()},
+        "carry": carry,  # plain data the run wants back on resume (e.g. the after-MEF table)
+    }
+
+
+def restore(state: dict, stage: Stage, optimizer) -> int:
+    """Put the optimizer, generators and extra state back; return the step to continue from."""
+    if state["stage"] != stage.name:
+        raise ValueError(f"checkpoint is from stage {state['stage']!r}, not {stage.name!r}")
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    for k, g in stage.generators.items():
+        g.set_state(state["generators"][k])
+    for k, obj in stage.extra_state.items():
+        obj.load_state_dict(state["extra"][k])
+    return state["step"]
+
+
+def _fmt_eta(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s"
+
+
+def _progress_line(stage: Stage, step: int, metrics: dict, eta: float) -> str:
+    parts = [f"[{stage.name}] step {step}/{stage.total_steps}"]
+    if "reward" in metrics:
+        per_expert = " ".join(f"{v:.2f}" for k, v in sorted(metrics.items())
+                              if k.startswith("rewards/expert_") and k.endswith("/mean"))
+        parts.append(f"reward {metrics['reward']:.3f} [{per_expert}]")
+    losses = " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in metrics.items() if k.startswith("loss/"))
+    parts.append(f"loss {losses}")
+    parts.append(f"{metrics.get('tokens_per_second', 0):.0f} tok/s")
+    parts.append(f"ETA {_fmt_eta(eta)}")
+    return " | ".join(parts)
+
+
+def run_stage(stage: Stage, model, optimizer, step_fn, *, run_dir: Path, tokenizer_dir: Path,
+              start_step: int = 0, carry: dict | None = None, log_every: int = 1,
+              sample_every: int = 10, print_fn=print) -> None:
+    """Run steps start_step .. total_steps-1 of one stage, checkpointing as it goes."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    carry = carry or {}
+    started = time.time()
+    with open(run_dir / "metrics.jsonl", "a") as log:
+        for step in range(start_step, stage.total_steps):
+            t0 = time.time()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, stage)
+            optimizer.zero_grad(set_to_none=True)
+            loss, metrics = step_fn(step)
+            samples = metrics.pop("samples", None)
+            parts = {k: v for k, v in metrics.items() if k.startswith("loss/")}
+            if not math.isfinite(loss.item()):
+                raise LossNotFinite(
+                    f"[{stage.name}] loss became {loss.item()} at step {step + 1} (parts: {parts}); "
+                    f"the weights were not updated and the last checkpoint in {run_dir} is intact")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)
+            if not torch.isfinite(grad_norm):
+                raise LossNotFinite(
+                    f"[{stage.name}] gradient norm became {grad_norm.item()} at step {step + 1} "
+                    f"(loss {loss.item():.4g}, parts: {parts}); the weights were not updated and "
+                    f"the last checkpoint in {run_dir} is intact")
+            optimizer.step()
+            metrics.update({"stage": stage.name, "step": step + 1, "lr": lr_at(step, stage),
+                            "grad_norm": grad_norm.item(), "time/step": time.time() - t0})
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+            if samples and (step + 1) % sample_every == 0:
+                with open(run_dir / "samples.jsonl", "a") as f:
+                    f.write(json.dumps({"stage": stage.name, "step": step + 1, "samples": samples}) + "\n")
+                print_fn(f"  sample (expert {samples[0]['expert']}, reward {samples[0]['reward']}): "
+                         f"{samples[0]['text'][:200]!r}")
+            done = step + 1 - start_step
+            eta = (time.time() - started) / done * (stage.total_steps - step - 1)
+            if (step + 1) % log_every == 0 or step + 1 == stage.total_steps:
+                print_fn(_progress_line(stage, step + 1, metrics, eta))
+            if (step + 1) % stage.save_every == 0 or step + 1 == stage.total_steps:
+                state = trainer_state(stage, step + 1, optimizer, carry)
+                save_checkpoint(run_dir, stage.step_offset + step + 1, model, tokenizer_dir, state)
+
+
+def batch_indices(num_items: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The items of batch `step`: consecutive slices of a stream of seeded per-epoch shuffles.
+    A pure function of its arguments, so a resumed run sees the batches it would have seen."""
+    out, position = [], step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(position + len(out), num_items)
+        order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out += order[offset:offset + batch_size - len(out)].tolist()
+    return out
