@@ -39,5 +39,7 @@ def expert_prompt(tokenizer, system_prompt: str, dataset: str, example: Example)
 
 
 def response_ids(tokenizer, response: str) -> list[int]:
-    """A reference answer as a completion: its tokens and the end-of-turn token (E1, E6)."""
-    return tokenizer.encode(response) + [tokenizer.eot_id]
+    """A reference answer as a completion: its tokens and the end-of-turn token (E1, E6).
+    Stripped, as the Llama 3 template strips message contents: a leading newline would
+    otherwise tokenize differently after the assistant header than in a rendered chat."""
+    return tokenizer.encode(response.strip()) + [tokenizer.eot_id]
