@@ -50,7 +50,10 @@ def reference_kl_loss(
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator={estimator!r}: expected one of {ESTIMATORS}")
-    per_token = kl_estimates(logprobs, ref_logprobs)[ESTIMATORS.index(estimator)]
+    # Zero x on padding before exp, so garbage there cannot overflow into a nan gradient.
+    padding = ~mask.bool()
+    per_token = kl_estimates(logprobs.masked_fill(padding, 0.0),
+                             ref_logprobs.masked_fill(padding, 0.0))[ESTIMATORS.index(estimator)]
     return aggregate(per_token, mask, aggregation, max_len)
 
 
@@ -135,5 +138,5 @@ def inter_expert_kl_full_vocab(
     plus_logp = torch.log_softmax(plus_logits.detach().float(), dim=-1)  # [M, T, V]
     minus_logp = torch.log_softmax(minus_logits.float(), dim=-1)         # [M, T, V]
     per_token = (plus_logp.exp() * (plus_logp - minus_logp)).sum(dim=-1)  # [M, T]
-    per_rollout = (per_token * mask.to(per_token.dtype)).sum(dim=-1)     # [M]
+    per_rollout = torch.where(mask.bool(), per_token, 0.0).sum(dim=-1)   # [M]
     return _mean_per_question(per_rollout, question_index)

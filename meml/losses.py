@@ -14,8 +14,8 @@ every (question, expert) group has the same G, the batch mean over rows *is* the
 "seq_mean_token_mean" replaces it with the token mean (GRPO), and "dr_grpo" keeps the sum,
 divided by the constant max_len so that the learning rate means the same across lengths.
 
-Per-token log-probs come in as [B, T] with 0 (or anything) at masked positions: masked
-positions are multiplied by 0 and never read. Nothing is inferred from token values.
+Per-token log-probs come in as [B, T]; whatever sits at masked positions (0, -inf, nan) changes
+neither the value nor the gradient. Nothing is inferred from token values.
 """
 import torch
 
@@ -38,12 +38,13 @@ def aggregate(
     if per_token.shape != mask.shape:
         raise ValueError(f"per-token values {tuple(per_token.shape)} and mask "
                          f"{tuple(mask.shape)} must have the same shape [B, T]")
-    mask = mask.to(per_token.dtype)
-    masked = per_token * mask  # [B, T]
+    mask = mask.bool()
+    # where, not multiply: a padded position holding inf or nan must not poison the sum.
+    masked = torch.where(mask, per_token, 0.0)  # [B, T]
     if aggregation == "token_mean":
-        return masked.sum() / mask.sum().clamp(min=1.0)
+        return masked.sum() / mask.sum().clamp(min=1)
     if aggregation == "seq_mean_token_mean":
-        return (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).mean()
+        return (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
     batch, length = per_token.shape
     return masked.sum() / (batch * (length if max_len is None else max_len))
 
@@ -76,7 +77,9 @@ def policy_loss(
     if old_logprobs is None:
         per_token = -advantages * logprobs
     else:
-        ratio = torch.exp(logprobs - old_logprobs.detach())  # [B, T]
+        # log-ratio 0 on padding, so exp cannot overflow there (its gradient would be nan).
+        log_ratio = (logprobs - old_logprobs.detach()).masked_fill(~mask.bool(), 0.0)
+        ratio = torch.exp(log_ratio)  # [B, T]
         clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
         per_token = -torch.minimum(ratio * advantages, clipped * advantages)
     return aggregate(per_token, mask, aggregation, max_len)

@@ -193,3 +193,15 @@ def test_sequence_estimator_averages_to_full_vocab_kl():
                                        torch.ones(1, 1))
     se = per_rollout.std().item() / math.sqrt(len(tokens))
     assert abs(estimate.item() - exact.item()) < 5 * se
+
+
+def test_reference_kl_loss_ignores_padding_garbage():
+    logp = torch.tensor([[-1.0, 80.0]], requires_grad=True)  # exp(ref - 80) fine, but
+    ref = torch.tensor([[-1.5, 0.0]])
+    logp2 = torch.tensor([[-1.0, -200.0]], requires_grad=True)  # exp(200) overflows float32
+    mask = torch.tensor([[1, 0]])
+    for lp in (logp, logp2):
+        loss = reference_kl_loss(lp, ref, mask, estimator="k3")
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
+        assert lp.grad[0, 1].item() == 0.0

@@ -143,3 +143,20 @@ def test_total_loss_e7():
     assert total_loss(p, sft=sft, lambda2=0.5).item() == pytest.approx(2.5)
     assert total_loss(p, reference_kl=ref).item() == 1.0  # beta = 0: the MEML preset
     assert total_loss(p, reference_kl=ref, beta=0.04).item() == pytest.approx(1.2)
+
+
+@pytest.mark.parametrize("old", [None, "given"])
+def test_garbage_on_padding_changes_nothing(old):
+    # Padding may hold -inf or nan (e.g. a log-prob of an ignored position): neither the value
+    # nor the gradient may see it.
+    clean = logprobs_leaf()
+    dirty_values = clean.detach().clone()
+    dirty_values[~MASK] = torch.tensor([float("-inf"), float("nan"), 50.0] * 3)[: int((~MASK).sum())]
+    dirty = dirty_values.requires_grad_()
+    old_lp = None if old is None else clean.detach() - 0.1
+    losses = [policy_loss(lp, MASK, ADV, old_logprobs=old_lp, aggregation="token_mean")
+              for lp in (clean, dirty)]
+    for loss in losses:
+        loss.backward()
+    assert losses[0].item() == losses[1].item()
+    assert torch.equal(clean.grad, dirty.grad)
