@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from meml.advantage import group_advantages
 from meml.losses import aggregate, clip_fraction, nll_loss, policy_loss, total_loss
 
 # Three completions of lengths 2, 5 and 3 in a [B=3, T=6] batch; row 2's tokens do not start
@@ -160,3 +161,15 @@ def test_garbage_on_padding_changes_nothing(old):
         loss.backward()
     assert losses[0].item() == losses[1].item()
     assert torch.equal(clean.grad, dirty.grad)
+
+
+def test_paper_clamp_reinforces_only_above_mean_rollouts():
+    # E3 with max(A, 0): one question, one expert, rewards [0, 0, 0, 1] -> A = [0, 0, 0, 0.75].
+    # Only the correct rollout's tokens get gradient: -0.75 / (B * |o|) in the GRPO mode.
+    adv = group_advantages(torch.tensor([0.0, 0, 0, 1]), positive_only=True)
+    logp = torch.full((4, 3), -1.0, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 0]])
+    policy_loss(logp, mask, adv).backward()
+    expected = torch.zeros(4, 3)
+    expected[3, :2] = -0.75 / (4 * 2)
+    assert torch.equal(logp.grad, expected)
