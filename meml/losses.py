@@ -1,0 +1,144 @@
+"""Policy-gradient and likelihood losses: E3 (the paper's GRPO form), E3' (clipped GRPO),
+the NLL of E1 (MEF) and E6 (hard-example buffer), and the total E7.
+
+Every loss here is built the same way: a per-token quantity [B, T] is reduced over the tokens
+of an explicit completion mask [B, T] by one of three aggregation modes (METHOD.md, E3):
+
+  "token_mean"           sum_{b,t} x·m / sum_{b,t} m           one global denominator
+  "seq_mean_token_mean"  mean_b ( sum_t x·m / |o_b| )           GRPO: every sequence weighs 1/B
+  "dr_grpo"              sum_{b,t} x·m / (B · max_len)          Dr.GRPO: a constant denominator
+
+Rows are sequences. The training loop flattens rollouts [Q, N, G] into B = Q·N·G rows; since
+every (question, expert) group has the same G, the batch mean over rows *is* the paper's
+(1/N) Σ_i E_g[...] (averaged over questions too). The paper's log π(O) is a sum over tokens;
+"seq_mean_token_mean" replaces it with the token mean (GRPO), and "dr_grpo" keeps the sum,
+divided by the constant max_len so that the learning rate means the same across lengths.
+
+Per-token log-probs come in as [B, T]; whatever sits at masked positions (0, -inf, nan) changes
+neither the value nor the gradient. Nothing is inferred from token values.
+"""
+import torch
+
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "dr_grpo")
+
+
+def aggregate(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    aggregation: str = "seq_mean_token_mean",
+    max_len: int | None = None,
+) -> torch.Tensor:
+    """Reduce a per-token quantity [B, T] over the completion mask [B, T] to a scalar.
+
+    max_len (dr_grpo only): the denominator's length, normally the sampler's max_new_tokens;
+    default T. A row with no completion tokens contributes 0 (its length is clamped to 1).
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation={aggregation!r}: expected one of {AGGREGATIONS}")
+    if per_token.shape != mask.shape:
+        raise ValueError(f"per-token values {tuple(per_token.shape)} and mask "
+                         f"{tuple(mask.shape)} must have the same shape [B, T]")
+    mask = mask.bool()
+    # where, not multiply: a padded position holding inf or nan must not poison the sum.
+    masked = torch.where(mask, per_token, 0.0)  # [B, T]
+    if aggregation == "token_mean":
+        return masked.sum() / mask.sum().clamp(min=1)
+    if aggregation == "seq_mean_token_mean":
+        return (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+    batch, length = per_token.shape
+    return masked.sum() / (batch * (length if max_len is None else max_len))
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logprobs: torch.Tensor | None = None,
+    clip_eps: float = 0.2,
+    aggregation: str = "seq_mean_token_mean",
+    max_len: int | None = None,
+) -> torch.Tensor:
+    """E3 (old_logprobs=None) or E3' (old_logprobs given), to be minimised.
+
+    logprobs:     [B, T] log π_θ of each sampled token (temperature-scaled logits), with grad
+    mask:         [B, T] 1 on completion tokens (EOS included), 0 elsewhere
+    advantages:   [B] one advantage per sequence (E2), broadcast over its tokens
+    old_logprobs: [B, T] log π_old from the sampling pass (no grad)
+
+    E3, the paper's on-policy form:   per token  −A · log π_θ(o_t)
+        L_GRPO = (1/N) Σ_i −E_g[ log π_θ(O_g^i) · max(A_g^i, 0) ]; the clamp max(A, 0) is
+        applied upstream by `group_advantages(..., positive_only=True)`, so this function takes
+        advantages as they are and serves the unclamped baselines unchanged.
+    E3', the clipped surrogate:       per token  −min( ρ_t·A, clip(ρ_t, 1−ε, 1+ε)·A ),
+        ρ_t = exp(log π_θ − log π_old). With one update per rollout batch ρ = 1 and its
+        gradient equals E3's; the clip only bites on later updates of the same batch.
+    """
+    advantages = advantages.to(logprobs.dtype).unsqueeze(1)  # [B, 1]
+    if old_logprobs is None:
+        per_token = -advantages * logprobs
+    else:
+        # log-ratio 0 on padding, so exp cannot overflow there (its gradient would be nan).
+        log_ratio = (logprobs - old_logprobs.detach()).masked_fill(~mask.bool(), 0.0)
+        ratio = torch.exp(log_ratio)  # [B, T]
+        clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+        per_token = -torch.minimum(ratio * advantages, clipped * advantages)
+    return aggregate(per_token, mask, aggregation, max_len)
+
+
+def clip_fraction(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_eps: float = 0.2,
+) -> torch.Tensor:
+    """Fraction of completion tokens whose E3' term is clipped (and so has zero gradient):
+    ρ > 1+ε with A > 0, or ρ < 1−ε with A < 0. A scalar for the training log."""
+    with torch.no_grad():
+        ratio = torch.exp(logprobs - old_logprobs)
+        adv = advantages.unsqueeze(1)
+        clipped = ((ratio > 1.0 + clip_eps) & (adv > 0)) | ((ratio < 1.0 - clip_eps) & (adv < 0))
+        mask = mask.bool()
+        return (clipped & mask).sum().float() / mask.sum().clamp(min=1).float()
+
+
+def nll_loss(
+    logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    aggregation: str = "token_mean",
+    max_len: int | None = None,
+) -> torch.Tensor:
+    """Negative log-likelihood of target completions: E1 (MEF) and E6 (the buffer's L_SFT).
+
+    logprobs: [B, T] log π_θ of each target token; mask: [B, T] 1 on the answer tokens (EOS
+    included), 0 on prompt and padding.
+    E1 writes −Σ_j Σ_i log π_θ(A_j^(i) | Q_j, P_i) and E6 −mean log π_θ(S | Q, P), both with
+    sequence log-probs (sums over tokens). The default "token_mean" is that same sum divided by
+    the number of answer tokens in the batch: the gradient direction within a batch is the
+    literal E1's, and the scale does not grow with batch size or answer length.
+    """
+    return aggregate(-logprobs, mask, aggregation, max_len)
+
+
+def total_loss(
+    policy: torch.Tensor,
+    inter_expert_kl: torch.Tensor | None = None,
+    sft: torch.Tensor | None = None,
+    reference_kl: torch.Tensor | None = None,
+    lambda1: float = 0.1,
+    lambda2: float = 1.0,
+    beta: float = 0.0,
+) -> torch.Tensor:
+    """E7: L = L_GRPO + λ1·L_KL + λ2·L_SFT  (+ β·L_ref, the optional E4 term; β=0 for MEML).
+
+    A term that is None is absent this step (no active question for E5, buffer not full for E6,
+    no reference model for E4). Defaults λ1 = 0.1, λ2 = 1.0 are METHOD.md's [decision].
+    """
+    loss = policy
+    if inter_expert_kl is not None:
+        loss = loss + lambda1 * inter_expert_kl
+    if sft is not None:
+        loss = loss + lambda2 * sft
+    if reference_kl is not None and beta != 0.0:
+        loss = loss + beta * reference_kl
+    return loss
