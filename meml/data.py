@@ -165,7 +165,8 @@ def load_mathqa(path) -> list[Example]:
 def load_strategyqa(path) -> list[Example]:
     """StrategyQA JSON array ({"qid", "question", "answer": bool, "facts": [str], ...}).
 
-    The solution is the facts, one sentence after another, then "The answer is yes." / "no.".
+    The solution is the facts, one after another on one line (runs of whitespace inside a fact
+    collapsed to one space), then a line "The answer is yes." or "The answer is no."
     """
     path = Path(path)
     examples = []

@@ -3,7 +3,8 @@
 RLVR rewards are exact matches of an extracted final answer, so this file decides what counts
 as "the final answer". It never executes model text (no eval): it only runs regular
 expressions, and every one of them is linear-time on adversarial input (no nested unbounded
-quantifiers; everything after a marker is read from a window of at most `_WINDOW` characters).
+quantifiers; everything after a marker is read from a window of at most `_WINDOW` characters,
+so the total work is O(len(text) * _WINDOW) however many markers the text repeats).
 
 Rules (the same for every data set):
 - An answer follows one of these markers (case-insensitive): `#### x`, `\\boxed{x}`, and
@@ -14,14 +15,16 @@ Rules (the same for every data set):
   There is no fall-back to "the last number in the text".
 - Numbers (gsm8k, synthetic): commas as thousands separators ("1,080"), "$" or "\\$", a minus
   sign before or after the "$" ("-3", "$-3", also U+2212), decimals ("5.0", ".5"), fractions
-  ("3/4", "\\frac{3}{4}"); trailing words or units are ignored ("72 clips", "25%").
+  ("3/4", "\\frac{3}{4}"). The answer is the FIRST number after the marker; what follows it
+  is ignored ("72 clips", "25%", but also "5 - 3 = 2" reads 5: expressions are not evaluated).
   Values compare EXACTLY as rationals: "5.0" == "5", "0.5" == "1/2", but "0.333" != "1/3"
   (no tolerance: GSM8K and synthetic answers are integers). Malformed groupings such as
   "1,2345" are not read as numbers. At most 40 digits per part.
 - MathQA: the option letter a-e ("c", "(c)", "c )", "option c"), or the option's value
   ("625", "31/36", "rs. 400"), mapped back to its letter through `Example.options`: an exact
   match of the text (case and spacing ignored) first, else an equal number when exactly one
-  option holds that number and nothing but units around it. An ambiguous value gives no answer.
+  option holds that number and nothing but units around it. An ambiguous value gives no answer;
+  a lone letter is always read as a letter, even where an option's text is a letter.
 - StrategyQA: yes / no / true / false as a word; true means yes.
 """
 import re
