@@ -33,10 +33,11 @@ class ExpertAnswer:
 # Loaders. Each returns list[Example]; a malformed record raises ValueError naming the file,
 # the record (1-based line number for JSONL, 1-based record number for JSON arrays) and the field.
 
-_CALCULATOR = re.compile(r"<<[^<>\n]{0,200}>>")
+_CALCULATOR = re.compile(r"<<[^<>\n]{0,200}>>")  # GSM8K's "<<48/2=24>>" calculator notes
 
 
 def _read_json_array(path: Path) -> list:
+    """The records of a file holding one JSON array; a JSON error names the file."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -67,14 +68,13 @@ def _jsonl_records(path: Path):
             yield line_no, record
 
 
-def _field(record: dict, name: str, kind, where: str):
+def _field(record: dict, name: str, kind: type, where: str):
     """record[name], checked to be of type `kind` (bool is not accepted as int)."""
     if name not in record:
         raise ValueError(f"{where}: field {name!r} is missing")
     value = record[name]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ValueError(f"{where}: field {name!r} must be {expected}, got {type(value).__name__}")
+        raise ValueError(f"{where}: field {name!r} must be {kind.__name__}, got {type(value).__name__}")
     return value
 
 
