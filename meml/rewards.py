@@ -1,0 +1,202 @@
+"""The verifiers: read a completion's final answer and score it 0 or 1 (r(O) in METHOD.md).
+
+RLVR rewards are exact matches of an extracted final answer, so this file decides what counts
+as "the final answer". It never executes model text (no eval): it only runs regular
+expressions, and every one of them is linear-time on adversarial input (no nested unbounded
+quantifiers; everything after a marker is read from a window of at most `_WINDOW` characters,
+so the total work is O(len(text) * _WINDOW) however many markers the text repeats).
+
+Rules (the same for every data set):
+- An answer follows one of these markers (case-insensitive): `#### x`, `\\boxed{x}`, and
+  "answer is x" / "answer: x" (so "The answer is", "The final answer is", "**Answer:**").
+- When a completion has several, the LAST marker that is followed by a readable answer wins
+  (a model that corrects itself is scored on its correction; a marker followed by something
+  unreadable, e.g. "the answer is below", is skipped). No marker, no answer: reward 0.
+  There is no fall-back to "the last number in the text".
+- Numbers (gsm8k, synthetic): commas as thousands separators ("1,080"), "$" or "\\$", a minus
+  sign before or after the "$" ("-3", "$-3", also U+2212), decimals ("5.0", ".5"), fractions
+  ("3/4", "\\frac{3}{4}"). The answer is the FIRST number after the marker; what follows it
+  is ignored ("72 clips", "25%", but also "5 - 3 = 2" reads 5: expressions are not evaluated).
+  Values compare EXACTLY as rationals: "5.0" == "5", "0.5" == "1/2", but "0.333" != "1/3"
+  (no tolerance: GSM8K and synthetic answers are integers). Malformed groupings such as
+  "1,2345" are not read as numbers. At most 40 digits per part.
+- MathQA: the option letter a-e ("c", "(c)", "c )", "option c"), or the option's value
+  ("625", "31/36", "rs. 400"), mapped back to its letter through `Example.options`: an exact
+  match of the text (case and spacing ignored) first, else an equal number when exactly one
+  option holds that number and nothing but units around it. An ambiguous value gives no answer;
+  a lone letter is always read as a letter, even where an option's text is a letter.
+- StrategyQA: yes / no / true / false as a word; true means yes.
+"""
+import re
+from fractions import Fraction
+
+from meml.data import Example
+
+DATASETS = ("gsm8k", "mathqa", "strategyqa", "synthetic")
+
+_WINDOW = 120  # characters read after a marker; bounds the work per marker
+
+_MARKER = re.compile(r"####|\\boxed\s{0,2}\{|\banswer\s{0,3}(?:is\b|:)", re.IGNORECASE)
+
+_NUMBER = re.compile(r"""
+    [\s*:=]{0,8}                                   # "is: ", "= ", markdown bold
+    (?P<sign>[-\u2212])?\s?(?:\\?\$\s?)?(?P<sign2>[-\u2212])?\s?   # -$3, $-3, \$3
+    (?:
+        \\d?frac\{(?P<fnum>\d{1,40})\}\{(?P<fden>\d{1,40})\}    # \frac{3}{4}
+      | (?P<int>\d{1,3}(?:,\d{3}){1,13}|\d{1,40})(?!,?\d)       # 1,080 or 1080, not 1,2345
+        (?: \.(?P<dec>\d{1,40})(?![.\d]\d)                      # 5.0 (not 1.2.3)
+          | \s?/\s?(?P<den>\d{1,40})(?!\d) )?                   # 3/4
+      | \.(?P<lead>\d{1,40})(?!\d)                              # .5
+    )
+""", re.VERBOSE)
+
+_LETTER = re.compile(r"""
+    [\s*:=("'$]{0,8}(?:(?:option|choice)\s{0,2})?\(?\s?
+    (?P<letter>[a-e])\s?\)?
+    (?=\s{0,3}(?:[).,:;!*$}\n]|\Z))                # a letter alone, not "a bit"
+""", re.VERBOSE | re.IGNORECASE)
+
+_YES_NO = re.compile(r"[\s*:=(\"']{0,8}(?P<word>yes|no|true|false)\b", re.IGNORECASE)
+
+_UNIT_PREFIX = re.compile(r"(?:rs|inr|usd)\s?\.?\s?", re.IGNORECASE)
+
+
+def parse_number(text: str, pos: int = 0, endpos: int | None = None):
+    """(value, end) of the number at text[pos:] (after spacing / "$"), or None. Exact rational."""
+    m = _NUMBER.match(text, pos, len(text) if endpos is None else endpos)
+    if m is None or (m["sign"] and m["sign2"]):
+        return None
+    if m["fnum"] is not None:
+        if int(m["fden"]) == 0:
+            return None
+        value = Fraction(int(m["fnum"]), int(m["fden"]))
+    elif m["int"] is not None:
+        value = Fraction(int(m["int"].replace(",", "")))
+        if m["dec"] is not None:
+            value += Fraction(int(m["dec"]), 10 ** len(m["dec"]))
+        elif m["den"] is not None:
+            if int(m["den"]) == 0:
+                return None
+            value /= int(m["den"])
+    else:
+        value = Fraction(int(m["lead"]), 10 ** len(m["lead"]))
+    return (-value if m["sign"] or m["sign2"] else value), m.end()
+
+
+def _boxed_content(text: str, start: int) -> str | None:
+    """Text inside the braces opened just before `start`, if they close within the window."""
+    depth = 1
+    for i in range(start, min(len(text), start + _WINDOW)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                # LaTeX thousands separators and thin spaces: 1{,}080, 1\,080
+                return text[start:i].replace("{,}", ",").replace("\\,", "").replace("\\!", "")
+    return None
+
+
+def _answer_spans(text: str):
+    """(string, start, end) to read each candidate answer from, last marker first."""
+    for m in reversed(list(_MARKER.finditer(text))):
+        if m.group().startswith("\\"):
+            content = _boxed_content(text, m.end())
+            if content is not None:
+                yield content, 0, len(content)
+        else:
+            yield text, m.end(), min(len(text), m.end() + _WINDOW)
+
+
+def _format_number(value: Fraction) -> str:
+    """Canonical text of a number: "72", "-3", "0.5" (terminating decimals), else "1/3"."""
+    if value.denominator == 1:
+        return str(value.numerator)
+    digits = 0
+    while (value * 10 ** digits).denominator != 1 and digits <= 40:
+        digits += 1
+    if digits > 40:  # not a terminating decimal
+        return f"{value.numerator}/{value.denominator}"
+    scaled = str(abs(value * 10 ** digits).numerator).rjust(digits + 1, "0")
+    return f"{'-' if value < 0 else ''}{scaled[:-digits]}.{scaled[-digits:]}"
+
+
+def _simple_number(text: str) -> Fraction | None:
+    """The number in an option-like text ("rs . 400", "625 ways"), if no other digit follows."""
+    text = text.strip()
+    prefix = _UNIT_PREFIX.match(text)
+    pos = prefix.end() if prefix else 0
+    parsed = parse_number(text, pos, min(len(text), pos + _WINDOW))
+    if parsed is None or any(ch.isdigit() for ch in text[parsed[1]:pos + _WINDOW]):
+        return None
+    return parsed[0]
+
+
+def _squash(text: str) -> str:
+    return "".join(text.lower().split()).rstrip(".")
+
+
+def option_for_value(value: str, options: dict[str, str]) -> str | None:
+    """The letter whose option text is `value` (exact text first, then equal number), or None."""
+    key = _squash(value)
+    exact = [letter for letter, option in options.items() if _squash(option) == key]
+    if exact:
+        return exact[0] if len(exact) == 1 else None
+    number = _simple_number(value)
+    if number is None:
+        return None
+    hits = [letter for letter, option in options.items() if _simple_number(option) == number]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _read_mathqa(text: str, pos: int, end: int, options: dict[str, str] | None) -> str | None:
+    m = _LETTER.match(text, pos, end)
+    if m is not None:
+        return m["letter"].lower()
+    if not options:
+        return None
+    value = text[pos:end].split("\n", 1)[0].strip(" \t*:=$")
+    return option_for_value(value, options) if value else None
+
+
+def _extract(dataset: str, text: str, options: dict[str, str] | None):
+    """The last readable answer: a Fraction (numeric data sets) or a string, or None."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}: expected one of {DATASETS}")
+    for span, pos, end in _answer_spans(text):
+        if dataset in ("gsm8k", "synthetic"):
+            parsed = parse_number(span, pos, end)
+            answer = None if parsed is None else parsed[0]
+        elif dataset == "mathqa":
+            answer = _read_mathqa(span, pos, end, options)
+        else:
+            m = _YES_NO.match(span, pos, end)
+            answer = None if m is None else _YES_NO_CANON[m["word"].lower()]
+        if answer is not None:
+            return answer
+    return None
+
+
+_YES_NO_CANON = {"yes": "yes", "true": "yes", "no": "no", "false": "no"}
+
+
+def extract_answer(dataset: str, text: str, options: dict[str, str] | None = None) -> str | None:
+    """The completion's final answer in canonical form ("72", "0.5", "c", "yes"), or None.
+
+    `options` (MathQA only) lets a written-out option value count as its letter.
+    """
+    answer = _extract(dataset, text, options)
+    return _format_number(answer) if isinstance(answer, Fraction) else answer
+
+
+def reward(dataset: str, completion: str, example: Example) -> float:
+    """r(O) in {0.0, 1.0}: does the completion's final answer equal the example's gold answer?"""
+    answer = _extract(dataset, completion, example.options)
+    if answer is None:
+        return 0.0
+    if dataset in ("gsm8k", "synthetic"):
+        gold = parse_number(example.answer)
+        if gold is None:
+            raise ValueError(f"example {example.id}: gold answer {example.answer!r} is not a number")
+        return float(answer == gold[0])
+    return float(answer == example.answer.strip().lower())
