@@ -34,7 +34,7 @@ import torch
 from meml.advantage import group_advantages, reward_stats
 from meml.buffer import HardExampleBuffer
 from meml.kl import inter_expert_kl, inter_expert_kl_full_vocab, plus_rollouts, reference_kl_loss, select_expert_pairs
-from meml.losses import aggregate, clip_fraction, nll_loss, policy_loss
+from meml.losses import clip_fraction, nll_loss, policy_loss, total_loss
 from meml.policy import completion_logprobs, pack
 from meml.prompts import expert_prompt, response_ids
 from meml.rewards import reward
@@ -265,9 +265,9 @@ def riel_step(model, world: World, examples, cfg: RielConfig, generator: torch.G
     if cfg.inter_expert_weight > 0 and ro.rewards.shape[1] > 1:
         metrics.update(inter_expert_step(model, world, ro, cfg))                     # E5
     metrics["loss/sft"] = sft_step(model, world, popped, examples_by_id, cfg) if popped else 0.0  # E6
-    loss = (metrics["loss/policy"] + cfg.beta * metrics["loss/ref_kl"]
-            + cfg.inter_expert_weight * metrics.get("loss/inter_expert_kl", 0.0)
-            + cfg.sft_weight * metrics["loss/sft"])                                  # E7
+    # E7, the value of the loss whose parts were back-propagated above, one part at a time.
+    loss = total_loss(metrics["loss/policy"], metrics.get("loss/inter_expert_kl"), metrics["loss/sft"],
+                      metrics["loss/ref_kl"], cfg.inter_expert_weight, cfg.sft_weight, cfg.beta)
     t3 = time.time()
     generated = sum(len(c) for c in ro.completions)
     metrics.update({
