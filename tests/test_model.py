@@ -220,6 +220,10 @@ def test_unsupported_config_value_is_named(llama_dir, tmp_path, field, value, me
 
 
 def test_missing_files_are_named(llama_dir, tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"broken/config.json: not valid JSON"):
+        Transformer.from_pretrained(tmp_path / "broken")
     with pytest.raises(FileNotFoundError, match=r"config.json not found"):
         Transformer.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text((llama_dir / "config.json").read_text())
@@ -244,7 +248,7 @@ def rewrite_tensors(src, dst, edit):
 def test_missing_unexpected_and_misshapen_tensors_are_named(llama_dir, tmp_path):
     name = "model.layers.1.mlp.up_proj.weight"
     path = rewrite_tensors(llama_dir, tmp_path / "missing", lambda s: s.pop(name))
-    with pytest.raises(ValueError, match=rf"missing tensor\(s\) {name}"):
+    with pytest.raises(ValueError, match=rf"missing tensor\(s\) {name}; do config.json and"):
         Transformer.from_pretrained(path)
     path = rewrite_tensors(llama_dir, tmp_path / "extra", lambda s: s.update(extra=torch.zeros(2)))
     with pytest.raises(ValueError, match=r"unexpected tensor 'extra'"):
@@ -258,5 +262,7 @@ def test_cache_overflow_and_mask_shape_are_explained(llama_dir):
     model = Transformer.from_pretrained(llama_dir)
     with pytest.raises(ValueError, match=r"KV cache holds 4 slots; 0 used, 5 more do not fit"):
         model(random_ids(1, 5), kv_cache=model.new_kv_cache(1, 4))
+    with pytest.raises(ValueError, match=r"KV cache was made for batch size 2, input_ids has 1 rows"):
+        model(random_ids(1, 5), kv_cache=model.new_kv_cache(2, 8))
     with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 3\), expected \(1, 5\)"):
         model(random_ids(1, 5), attention_mask=torch.ones(1, 3))
