@@ -275,9 +275,13 @@ def test_cache_overflow_and_mask_shape_are_explained(llama_dir):
 
 
 @torch.no_grad()
-def test_tied_checkpoint_that_stores_the_head_anyway_uses_the_embedding(tmp_path):
-    # as transformers does: with tie_word_embeddings the stored lm_head.weight copy is ignored
+def test_tied_checkpoint_that_stores_the_head_too(tmp_path):
+    # an identical stored copy is harmless; a different one means config.json is wrong (transformers
+    # 5.23 then silently unties, with a warning), so we stop and say which field to change
     src = hf_checkpoint(tmp_path / "hf", "qwen2", tied=True)
-    path = rewrite_tensors(src, tmp_path / "with_head", lambda s: s.update({"lm_head.weight": torch.zeros(VOCAB, 64)}))
+    copy = rewrite_tensors(src, tmp_path / "copy", lambda s: s.update({"lm_head.weight": s["model.embed_tokens.weight"].clone()}))
     ids = random_ids(1, 10)
-    assert (Transformer.from_pretrained(path)(ids) - hf_logits(src, ids)).abs().max().item() <= 1e-4
+    assert (Transformer.from_pretrained(copy)(ids) - hf_logits(src, ids)).abs().max().item() <= 1e-4
+    other = rewrite_tensors(src, tmp_path / "other", lambda s: s.update({"lm_head.weight": torch.zeros(VOCAB, 64)}))
+    with pytest.raises(ValueError, match=r"lm_head.weight differs .* tie_word_embeddings=true; set it to false"):
+        Transformer.from_pretrained(other)
