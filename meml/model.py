@@ -338,12 +338,13 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             del expected["lm_head.weight"]  # tied: the head is the embedding, HF does not store it
 
-        state = {}
+        state, stored_head = {}, None
         for file, names in checkpoint_files(path).items():
             with safe_open(file, framework="pt", device=str(device)) as f:
                 for name in names:
                     if name == "lm_head.weight" and config.tie_word_embeddings:
-                        continue  # some tied checkpoints store the copy anyway; the embedding wins, as in HF
+                        stored_head = (file, f.get_tensor(name).to(dtype))  # a copy some tied checkpoints keep
+                        continue
                     if name not in expected:
                         raise ValueError(f"{file}: unexpected tensor {name!r} (not part of a "
                                          f"{config.model_type} model as config.json describes it)")
@@ -357,6 +358,9 @@ class Transformer(nn.Module):
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
             raise ValueError(f"{path}: checkpoint is missing tensor(s) {', '.join(missing[:5])}{more}; "
                              "do config.json and the safetensors files belong to the same model?")
+        if stored_head is not None and not torch.equal(stored_head[1], state["model.embed_tokens.weight"]):
+            raise ValueError(f"{stored_head[0]}: lm_head.weight differs from model.embed_tokens.weight but "
+                             f"{path / 'config.json'} says tie_word_embeddings=true; set it to false")
         model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()  # assign=True replaced the embedding parameter; point the head at it again
         return model

@@ -174,6 +174,12 @@ def test_tied_head_is_the_embedding_parameter(checkpoint):
     assert len(list(model.parameters())) == len(model.state_dict()) - shared
 
 
+def test_loaded_model_trains_every_parameter(checkpoint):
+    model = Transformer.from_pretrained(checkpoint)
+    model(random_ids(2, 6)).logsumexp(-1).sum().backward()
+    assert all(p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
 @torch.no_grad()
 def test_sharded_checkpoint_loads(tmp_path):
     path = hf_checkpoint(tmp_path, "qwen2", tied=False, max_shard_size="40KB")
@@ -266,3 +272,16 @@ def test_cache_overflow_and_mask_shape_are_explained(llama_dir):
         model(random_ids(1, 5), kv_cache=model.new_kv_cache(2, 8))
     with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 3\), expected \(1, 5\)"):
         model(random_ids(1, 5), attention_mask=torch.ones(1, 3))
+
+
+@torch.no_grad()
+def test_tied_checkpoint_that_stores_the_head_too(tmp_path):
+    # an identical stored copy is harmless; a different one means config.json is wrong (transformers
+    # 5.23 then silently unties, with a warning), so we stop and say which field to change
+    src = hf_checkpoint(tmp_path / "hf", "qwen2", tied=True)
+    copy = rewrite_tensors(src, tmp_path / "copy", lambda s: s.update({"lm_head.weight": s["model.embed_tokens.weight"].clone()}))
+    ids = random_ids(1, 10)
+    assert (Transformer.from_pretrained(copy)(ids) - hf_logits(src, ids)).abs().max().item() <= 1e-4
+    other = rewrite_tensors(src, tmp_path / "other", lambda s: s.update({"lm_head.weight": torch.zeros(VOCAB, 64)}))
+    with pytest.raises(ValueError, match=r"lm_head.weight differs .* tie_word_embeddings=true; set it to false"):
+        Transformer.from_pretrained(other)
