@@ -279,6 +279,19 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02):
+        """Fresh weights for training from scratch, as transformers initialises these models:
+        N(0, std) for every projection and the embedding, zero biases, unit norm scales.
+        (PyTorch's own defaults, N(0, 1) embeddings, would make tied logits ~sqrt(H) wide.)"""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
     @property
     def output_weight(self) -> torch.Tensor:
         """[V, H]: logits = hidden @ output_weight.T (the embedding itself when tied)."""

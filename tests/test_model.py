@@ -285,3 +285,17 @@ def test_tied_checkpoint_that_stores_the_head_too(tmp_path):
     other = rewrite_tensors(src, tmp_path / "other", lambda s: s.update({"lm_head.weight": torch.zeros(VOCAB, 64)}))
     with pytest.raises(ValueError, match=r"lm_head.weight differs .* tie_word_embeddings=true; set it to false"):
         Transformer.from_pretrained(other)
+
+
+def test_init_weights_matches_the_hf_initialisation_scale():
+    config = ModelConfig.from_hf_dict(dict(
+        model_type="qwen2", vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    torch.manual_seed(0)
+    model = Transformer(config)
+    model.init_weights(std=0.02)
+    embed = model.model.embed_tokens.weight
+    assert abs(embed.std().item() - 0.02) < 0.001 and abs(embed.mean().item()) < 0.001
+    assert model.lm_head.weight is embed  # still tied
+    attn = model.model.layers[0].self_attn
+    assert (attn.q_proj.bias == 0).all() and (model.model.norm.weight == 1).all()
