@@ -100,3 +100,94 @@ def sample_next_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: 
 def is_stop(ids: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
     """[B] bool: which of the just-generated ids [B] are in the stop set (a 1-D long tensor)."""
     return torch.isin(ids, stop_ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# The generation loop
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-align ragged prompts: (ids [B, P] long, prompt lengths [B] long)."""
+    if not prompts:
+        raise ValueError("generate: prompts is empty; pass at least one list of token ids")
+    for row, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"generate: prompt {row} is empty; every prompt needs >= 1 token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    return ids.to(device), lengths.to(device)
+
+
+@torch.inference_mode()
+def generate(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int],
+             pad_id: int, vocab_limit: int | None = None, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0,
+             generator: torch.Generator | None = None) -> Generation:
+    """Generate up to max_new_tokens for each prompt (token id lists of any lengths).
+
+    temperature 0 is greedy; otherwise draws follow temperature -> top-k -> top-p from
+    `generator` (on the model's device; same seed, same batch: same samples). A row stops at the
+    first generated id in stop_ids (ids inside the prompt never count) and then emits pad_id,
+    masked out. Only ids < vocab_limit (default: all of the model's vocabulary) can be drawn.
+    """
+    weight = model.output_weight  # [V, H]
+    device = weight.device
+    vocab_limit = weight.shape[0] if vocab_limit is None else vocab_limit
+    if not 0 < vocab_limit <= weight.shape[0]:
+        raise ValueError(f"generate: vocab_limit={vocab_limit} must be in 1..{weight.shape[0]} "
+                         "(the model's output vocabulary)")
+    weight = weight[:vocab_limit]  # padded-vocab ids get no logit at all, so are never drawn
+    prompt_ids, lengths = _left_pad(prompts, pad_id, device)  # [B, P], [B]
+    batch, width = prompt_ids.shape
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+
+    # Real-token mask over prompt + completion columns; completion columns open as we go.
+    attention = torch.zeros(batch, width + max_new_tokens, dtype=torch.long, device=device)
+    attention[:, :width] = torch.arange(width, device=device) >= (width - lengths)[:, None]
+    # Left padding shifts each row; positions count real tokens only (pads sit at 0, masked).
+    positions = (torch.arange(width, device=device) - (width - lengths)[:, None]).clamp(min=0)
+
+    completion_ids = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    completion_mask = torch.zeros(batch, max_new_tokens, dtype=torch.bool, device=device)
+    logprobs = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    # "All rows done?" costs a host sync; on CUDA ask every few steps (extra steps are inert).
+    check_every = 1 if device.type == "cpu" else 8
+
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_kv_cache(batch, width + max_new_tokens)
+        hidden = model(prompt_ids, attention_mask=attention[:, :width], position_ids=positions,
+                       kv_cache=cache, return_hidden=True)  # [B, P, H]
+        for step in range(max_new_tokens):
+            logits = hidden[:, -1] @ weight.T  # [B, vocab_limit]
+            ids, token_logprobs = sample_next_token(logits, temperature=temperature,
+                                                    top_k=top_k, top_p=top_p,
+                                                    generator=generator)  # [B], [B]
+            live = ~done
+            ids = torch.where(live, ids, pad_id)
+            completion_ids[:, step] = ids
+            completion_mask[:, step] = live
+            logprobs[:, step] = torch.where(live, token_logprobs, 0.0)
+            done = done | (live & is_stop(ids, stop))
+            if step + 1 == max_new_tokens:
+                break
+            if (step + 1) % check_every == 0 and bool(done.all()):
+                break
+            attention[:, width + step] = 1
+            hidden = model(ids[:, None], attention_mask=attention[:, :width + step + 1],
+                           position_ids=(lengths + step)[:, None], kv_cache=cache,
+                           return_hidden=True)  # [B, 1, H]
+    finally:
+        model.train(was_training)
+
+    # Trim to the longest completion, so the result does not depend on check_every.
+    length = int(completion_mask.sum(dim=1).max())
+    return Generation(completion_ids=completion_ids[:, :length],
+                      completion_mask=completion_mask[:, :length],
+                      finished=done,
+                      logprobs=logprobs[:, :length])
