@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from meml.sampler import (is_stop, sample_next_token, scale_by_temperature, top_k_filter,
+from meml.sampler import (generate, is_stop, sample_next_token, scale_by_temperature, top_k_filter,
                           top_p_filter)
 
 # ---------------------------------------------------------------------------------------------
@@ -109,3 +109,184 @@ def test_greedy_is_argmax_with_logprob_at_temperature_one():
 def test_is_stop_uses_the_whole_stop_set():
     stop = torch.tensor([7, 9])
     assert is_stop(torch.tensor([7, 8, 9, 0]), stop).tolist() == [True, False, True, False]
+
+
+# ---------------------------------------------------------------------------------------------
+# generate() on a tiny random-weight Qwen2 checkpoint
+
+VOCAB = 96
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23, 24], [30]]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """(transformers model, our model, directory) with the same random weights.
+
+    initializer_range 0.3 (not 0.02) so greedy outputs vary from token to token; with the
+    default init a tiny model repeats one id and the comparisons below would prove little.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from meml.model import Transformer
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, rope_theta=10000.0,
+                         tie_word_embeddings=True, initializer_range=0.3)
+    hf = Qwen2ForCausalLM(config).eval()
+    directory = tmp_path_factory.mktemp("tiny_qwen2")
+    hf.save_pretrained(directory)
+    return hf, Transformer.from_pretrained(directory), directory
+
+
+def full_recompute_logits(model, prompt, completion):
+    """Logits [len(completion), V] predicting each completion token, no cache, no padding."""
+    ids = torch.tensor([prompt + completion])
+    with torch.inference_mode():
+        logits = model(ids)[0].float()  # [T, V]
+    return logits[len(prompt) - 1:len(prompt) - 1 + len(completion)]
+
+
+def greedy_by_recompute(model, prompt, n):
+    seq = list(prompt)
+    for _ in range(n):
+        with torch.inference_mode():
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def row(generation, r):
+    """Row r's completion ids, mask applied."""
+    return generation.completion_ids[r][generation.completion_mask[r]].tolist()
+
+
+def test_greedy_with_cache_equals_greedy_recomputing_everything(checkpoint):
+    _, model, _ = checkpoint
+    out = generate(model, PROMPTS, max_new_tokens=12, stop_ids=[], pad_id=0, temperature=0.0)
+    assert out.completion_ids.shape == (len(PROMPTS), 12)
+    for r, prompt in enumerate(PROMPTS):
+        expected = greedy_by_recompute(model, prompt, 12)
+        assert len(set(expected)) > 3  # the model does not just repeat one id
+        assert row(out, r) == expected
+
+
+def test_ragged_batch_equals_each_prompt_alone(checkpoint):
+    _, model, _ = checkpoint
+    kwargs = dict(max_new_tokens=10, stop_ids=[], pad_id=0, temperature=0.0)
+    batch = generate(model, PROMPTS, **kwargs)
+    for r, prompt in enumerate(PROMPTS):
+        alone = generate(model, [prompt], **kwargs)
+        assert row(batch, r) == row(alone, 0)
+        assert torch.allclose(batch.logprobs[r], alone.logprobs[0], atol=1e-5)
+
+
+def test_greedy_equals_transformers_generate(checkpoint):
+    hf, model, _ = checkpoint
+    out = generate(model, PROMPTS, max_new_tokens=12, stop_ids=[], pad_id=0, temperature=0.0)
+    for r, prompt in enumerate(PROMPTS):
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                              max_new_tokens=12, min_new_tokens=12, pad_token_id=0,
+                              eos_token_id=None)
+        assert row(out, r) == ref[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.3, 5, 0.9)])
+def test_logprobs_equal_log_softmax_of_recomputed_logits_at_temperature(checkpoint, temperature,
+                                                                        top_k, top_p):
+    _, model, _ = checkpoint
+    limit = VOCAB - 6
+    out = generate(model, PROMPTS, max_new_tokens=10, stop_ids=[], pad_id=0, vocab_limit=limit,
+                   temperature=temperature, top_k=top_k, top_p=top_p,
+                   generator=torch.Generator().manual_seed(0))
+    for r, prompt in enumerate(PROMPTS):
+        completion = row(out, r)
+        logits = full_recompute_logits(model, prompt, completion)[:, :limit]  # [T, limit]
+        expected = torch.log_softmax(logits / temperature, -1)[torch.arange(len(completion)),
+                                                                completion]
+        assert torch.allclose(out.logprobs[r], expected, atol=1e-5)
+        if top_k:  # every draw lies in the top-k of the recomputed logits
+            top = logits.topk(top_k, dim=-1).indices
+            assert all(c in t for c, t in zip(completion, top.tolist()))
+
+
+def test_seeded_sampling_is_reproducible_through_generate(checkpoint):
+    _, model, _ = checkpoint
+    draw = lambda seed: generate(model, PROMPTS, max_new_tokens=8, stop_ids=[3], pad_id=0,
+                                 temperature=1.0, top_p=0.95,
+                                 generator=torch.Generator().manual_seed(seed))
+    a, b, c = draw(11), draw(11), draw(12)
+    for field in ("completion_ids", "completion_mask", "finished", "logprobs"):
+        assert torch.equal(getattr(a, field), getattr(b, field))
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+
+
+def test_never_samples_ids_beyond_vocab_limit(checkpoint):
+    _, model, _ = checkpoint
+    limit = VOCAB - 16
+    prompts = [[1 + i % 50, 2 + i % 40] for i in range(32)]
+    kwargs = dict(max_new_tokens=12, stop_ids=[], pad_id=0, temperature=5.0)
+    free = generate(model, prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert (free.completion_ids >= limit).any()  # without the limit, these ids do come up
+    capped = generate(model, prompts, vocab_limit=limit,
+                      generator=torch.Generator().manual_seed(0), **kwargs)
+    assert (capped.completion_ids < limit).all()
+    greedy = generate(model, prompts, max_new_tokens=12, stop_ids=[], pad_id=0,
+                      temperature=0.0, vocab_limit=limit)
+    assert (greedy.completion_ids < limit).all()
+
+
+def test_stops_at_any_stop_id_and_keeps_finished_rows_inert(checkpoint):
+    _, model, _ = checkpoint
+    pad = VOCAB - 1
+    free = generate(model, PROMPTS, max_new_tokens=12, stop_ids=[], pad_id=pad, temperature=0.0)
+    stops = {row(free, 0)[3], row(free, 1)[5]}  # a union of two stop ids
+    out = generate(model, PROMPTS, max_new_tokens=12, stop_ids=sorted(stops), pad_id=pad,
+                   temperature=0.0)
+    for r in range(len(PROMPTS)):
+        reference = row(free, r)
+        hits = [i for i, t in enumerate(reference) if t in stops]
+        if hits:  # stops at the first stop id, which is kept and masked in
+            n = hits[0] + 1
+            assert out.finished[r]
+        else:     # truncated at max_new_tokens
+            n = 12
+            assert not out.finished[r]
+        assert out.completion_mask[r].sum() == n
+        assert out.completion_ids[r, :n].tolist() == reference[:n]
+        assert (out.completion_ids[r, n:] == pad).all()
+        assert (out.logprobs[r, n:] == 0).all()
+        assert torch.allclose(out.logprobs[r, :n], free.logprobs[r, :n])
+    assert torch.isfinite(out.logprobs).all()
+
+
+def test_eos_inside_the_prompt_is_not_a_stop(checkpoint):
+    _, model, _ = checkpoint
+    eos = 3
+    prompts = [[eos, 40, 41, eos, 42], [eos]]
+    free = generate(model, prompts, max_new_tokens=6, stop_ids=[], pad_id=0, temperature=0.0)
+    out = generate(model, prompts, max_new_tokens=6, stop_ids=[eos], pad_id=0, temperature=0.0)
+    for r in range(len(prompts)):
+        reference = row(free, r)
+        n = reference.index(eos) + 1 if eos in reference else 6
+        assert row(out, r) == reference[:n]
+        assert bool(out.finished[r]) == (eos in reference)
+
+
+def test_loop_ends_when_every_row_is_done(checkpoint):
+    _, model, _ = checkpoint
+    free = generate(model, PROMPTS, max_new_tokens=4, stop_ids=[], pad_id=0, temperature=0.0)
+    first_tokens = sorted({row(free, r)[0] for r in range(len(PROMPTS))})
+    out = generate(model, PROMPTS, max_new_tokens=50, stop_ids=first_tokens, pad_id=0,
+                   temperature=0.0)
+    assert out.completion_ids.shape == (len(PROMPTS), 1)
+    assert out.finished.all() and out.completion_mask.all()
+
+
+def test_restores_training_mode(checkpoint):
+    _, model, _ = checkpoint
+    model.train()
+    generate(model, [[1, 2]], max_new_tokens=2, stop_ids=[], pad_id=0, temperature=0.0)
+    assert model.training
+    model.eval()
