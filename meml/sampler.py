@@ -1,0 +1,193 @@
+"""Batched rollout generation on the decoder's KV cache: the sampler behind GRPO and evaluation.
+
+GRPO spends most of its time here: MEML-GRPO samples N experts x G rollouts per question, and the
+experts' system prompts make the prompts different lengths. So the batch is left-padded (every
+row's last prompt token sits in the same column, and one shared cache index serves all rows),
+the prompt is prefilled once, and each step feeds one token per row.
+
+What a caller gets back (`Generation`) is what the losses need: completion ids, a mask that
+includes the stop token (METHOD.md: "EOS included"), whether each row stopped or was truncated,
+and the log-prob of every sampled token under the *unfiltered* distribution at the sampling
+temperature, log softmax(logits[:vocab_limit] / T). These are pi_old for the clipped objective
+(E3') and must be the numbers the trainer recomputes from the same weights; the trainer scores
+tokens with a plain temperature softmax (METHOD.md: "log-probs are computed from logits divided
+by the sampling temperature"), so top-k / top-p only choose which token is drawn and never
+renormalise the reported log-prob. Greedy decoding (temperature 0) reports log-probs at T = 1.
+
+Departures from `transformers.generate`: stop ids are a set checked only on generated tokens
+(chat templates put EOS inside prompts), padded-vocabulary ids (>= vocab_limit) are never
+sampled, and the loop checks "all rows done" every few steps on CUDA to avoid a host sync per
+token (rows that finished emit pad and are masked out, so the extra steps change nothing).
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Generation:
+    completion_ids: torch.Tensor   # [B, T] long, pad_id past each row's end
+    completion_mask: torch.Tensor  # [B, T] bool, generated tokens (stop token included)
+    finished: torch.Tensor         # [B] bool, True: hit a stop id; False: truncated
+    logprobs: torch.Tensor         # [B, T] float32, log pi_old of each sampled token, 0 off mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling primitives, applied in this order: temperature, top-k, top-p (as transformers does).
+# Each takes and returns logits [B, V]; filtered-out ids get -inf.
+
+
+def scale_by_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / T, in float32 (softmax of bf16 logits loses the tail)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 to scale logits, got {temperature}; "
+                         "temperature 0 means greedy and is handled by sample_next_token")
+    return logits.float() / temperature
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep exactly the k largest logits of each row (k <= 0 or k >= V: keep all).
+
+    Exactly k even with ties (topk picks among tied values), so a sample can never fall outside
+    a set of k ids.
+    """
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    values, indices = torch.topk(logits, k, dim=-1)  # [B, k]
+    return torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely ids whose probability mass is >= p.
+
+    Sorted by probability, id i is kept while the mass strictly before it is < p; the top id is
+    always kept. p >= 1 keeps everything.
+    """
+    if p >= 1.0:
+        return logits
+    if p <= 0:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [B, V]
+    sorted_probs = torch.softmax(sorted_logits.float(), dim=-1)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # exclusive cumsum
+    drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
+                      top_p: float = 1.0,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one id per row from logits [B, V]; return (ids [B] long, logprobs [B] float32).
+
+    temperature 0 is greedy (argmax; ties go to the lowest id). The log-prob is of the drawn id
+    under log softmax(logits / T) before any top-k / top-p filtering (T = 1 when greedy): see the
+    module docstring for why.
+    """
+    if temperature == 0:
+        ids = torch.argmax(logits, dim=-1)  # [B]
+        scaled = logits.float()
+    else:
+        scaled = scale_by_temperature(logits, temperature)  # [B, V] float32
+        filtered = top_p_filter(top_k_filter(scaled, top_k), top_p)
+        probs = torch.softmax(filtered, dim=-1)
+        ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
+    logprobs = torch.log_softmax(scaled, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return ids, logprobs
+
+
+def is_stop(ids: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
+    """[B] bool: which of the just-generated ids [B] are in the stop set (a 1-D long tensor)."""
+    return torch.isin(ids, stop_ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# The generation loop
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-align ragged prompts: (ids [B, P] long, prompt lengths [B] long)."""
+    if not prompts:
+        raise ValueError("generate: prompts is empty; pass at least one list of token ids")
+    for row, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"generate: prompt {row} is empty; every prompt needs >= 1 token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    return ids.to(device), lengths.to(device)
+
+
+@torch.inference_mode()
+def generate(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int],
+             pad_id: int, vocab_limit: int | None = None, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0,
+             generator: torch.Generator | None = None) -> Generation:
+    """Generate up to max_new_tokens for each prompt (token id lists of any lengths).
+
+    temperature 0 is greedy; otherwise draws follow temperature -> top-k -> top-p from
+    `generator` (on the model's device; same seed, same batch: same samples). A row stops at the
+    first generated id in stop_ids (ids inside the prompt never count) and then emits pad_id,
+    masked out. Only ids < vocab_limit (default: all of the model's vocabulary) can be drawn.
+    """
+    weight = model.output_weight  # [V, H]
+    device = weight.device
+    vocab_limit = weight.shape[0] if vocab_limit is None else vocab_limit
+    if not 0 < vocab_limit <= weight.shape[0]:
+        raise ValueError(f"generate: vocab_limit={vocab_limit} must be in 1..{weight.shape[0]} "
+                         "(the model's output vocabulary)")
+    weight = weight[:vocab_limit]  # padded-vocab ids get no logit at all, so are never drawn
+    prompt_ids, lengths = _left_pad(prompts, pad_id, device)  # [B, P], [B]
+    batch, width = prompt_ids.shape
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+
+    # Real-token mask over prompt + completion columns; completion columns open as we go.
+    attention = torch.zeros(batch, width + max_new_tokens, dtype=torch.long, device=device)
+    attention[:, :width] = torch.arange(width, device=device) >= (width - lengths)[:, None]
+    # Left padding shifts each row; positions count real tokens only (pads sit at 0, masked).
+    positions = (torch.arange(width, device=device) - (width - lengths)[:, None]).clamp(min=0)
+
+    completion_ids = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    completion_mask = torch.zeros(batch, max_new_tokens, dtype=torch.bool, device=device)
+    logprobs = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    # "All rows done?" costs a host sync; on CUDA ask every few steps (extra steps are inert).
+    check_every = 1 if device.type == "cpu" else 8
+
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_kv_cache(batch, width + max_new_tokens)
+        hidden = model(prompt_ids, attention_mask=attention[:, :width], position_ids=positions,
+                       kv_cache=cache, return_hidden=True)  # [B, P, H]
+        for step in range(max_new_tokens):
+            logits = hidden[:, -1] @ weight.T  # [B, vocab_limit]
+            ids, token_logprobs = sample_next_token(logits, temperature=temperature,
+                                                    top_k=top_k, top_p=top_p,
+                                                    generator=generator)  # [B], [B]
+            live = ~done
+            ids = torch.where(live, ids, pad_id)
+            completion_ids[:, step] = ids
+            completion_mask[:, step] = live
+            logprobs[:, step] = torch.where(live, token_logprobs, 0.0)
+            done = done | (live & is_stop(ids, stop))
+            if step + 1 == max_new_tokens:
+                break
+            if (step + 1) % check_every == 0 and bool(done.all()):
+                break
+            attention[:, width + step] = 1
+            hidden = model(ids[:, None], attention_mask=attention[:, :width + step + 1],
+                           position_ids=(lengths + step)[:, None], kv_cache=cache,
+                           return_hidden=True)  # [B, 1, H]
+    finally:
+        model.train(was_training)
+
+    # Trim to the longest completion, so the result does not depend on check_every.
+    length = int(completion_mask.sum(dim=1).max())
+    return Generation(completion_ids=completion_ids[:, :length],
+                      completion_mask=completion_mask[:, :length],
+                      finished=done,
+                      logprobs=logprobs[:, :length])
