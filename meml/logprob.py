@@ -120,19 +120,21 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
                 d entropy / dz_v = -p_v (z_v - lse + entropy)
       so with incoming gradients g (logp) and e (entropy), per row,
                 dz_v = g [v = target] - p_v (g + e (z_v - lse + entropy))
-      and d hidden = dz @ weight / T, d weight = dz.T @ hidden / T.
+      and d hidden = (dz / T) @ weight, d weight = (dz / T).T @ hidden. dz is linear in (g, e),
+      so dz / T comes straight from (g / T, e / T).
+    Logits are computed exactly as the naive path does, (hidden @ weight.T).float() / T, so
+    bf16 inputs round the same way in both.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature):
         n_rows, vocab_size = hidden.shape[0], weight.shape[0]
-        scaled = hidden / temperature                     # [N, H]: folds 1/T into the matmul
         chunks = vocab_chunks(n_rows, vocab_size)
         chunk_lse = hidden.new_empty(len(chunks), n_rows, dtype=torch.float32)   # [C, N]
         chunk_entropy = torch.empty_like(chunk_lse)                              # [C, N]
         target_logit = hidden.new_zeros(n_rows, dtype=torch.float32)             # [N]
         for c, (start, end) in enumerate(chunks):
-            z = (scaled @ weight[start:end].T).float()                           # [N, chunk]
+            z = (hidden @ weight[start:end].T).float().div_(temperature)        # [N, chunk]
             in_chunk = (targets >= start) & (targets < end)
             local = (targets - start).clamp(0, end - start - 1)[:, None]
             target_logit += torch.where(in_chunk, z.gather(1, local).squeeze(1), 0.0)
@@ -159,30 +161,31 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         temperature = ctx.temperature
         n_rows, vocab_size = hidden.shape[0], weight.shape[0]
         real = targets >= 0
+        # g, e: incoming gradients of logp and entropy, already divided by T (see above).
         g = hidden.new_zeros(n_rows, dtype=torch.float32) if grad_logp is None \
-            else torch.where(real, grad_logp.float(), 0.0)                       # [N]
-        e = None if grad_entropy is None else torch.where(real, grad_entropy.float(), 0.0)
-
-        scaled = hidden / temperature                                            # [N, H]
+            else torch.where(real, grad_logp.float(), 0.0) / temperature          # [N]
+        e = None if grad_entropy is None \
+            else torch.where(real, grad_entropy.float(), 0.0) / temperature       # [N]
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
         rows = torch.arange(n_rows, device=hidden.device)
         for start, end in vocab_chunks(n_rows, vocab_size):
             w = weight[start:end]                                                # [chunk, H]
-            log_p = (scaled @ w.T).float().sub_(lse[:, None])                  # [N, chunk]
+            z = (hidden @ w.T).float().div_(temperature)                        # [N, chunk]
+            log_p = z.sub_(lse[:, None])                                         # in place
             if e is None:
                 dz = log_p.exp_().mul_(-g[:, None])       # -g p, in place: one pass
             else:
                 p = log_p.exp()
-                dz = log_p.mul_(-e[:, None]).sub_((g + e * entropy)[:, None]).mul_(p)
+                dz = log_p.mul_(-e[:, None]).sub_((g + e * entropy)[:, None]).mul_(p)  # in place
                 del p
             in_chunk = (targets >= start) & (targets < end)
             dz[rows[in_chunk], targets[in_chunk] - start] += g[in_chunk]        # + g [v = target]
             dz = dz.to(hidden.dtype)
             grad_hidden += dz @ w
             if grad_weight is not None:
-                torch.mm(dz.T, scaled, out=grad_weight[start:end])
-            del log_p, dz
-        grad_hidden = (grad_hidden / temperature).to(hidden.dtype)
+                torch.mm(dz.T, hidden, out=grad_weight[start:end])
+            del z, log_p, dz
+        grad_hidden = grad_hidden.to(hidden.dtype)
         return grad_hidden, grad_weight, None, None
 
