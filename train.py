@@ -33,7 +33,7 @@ from meml.model import ModelConfig, Transformer
 from meml.prompts import EXPERT_SYSTEM_PROMPTS
 from meml.riel import World, riel_step
 from meml.tokenizer import Tokenizer
-from meml.trainer import LossNotFinite, Stage, batch_indices, make_optimizer, restore, run_stage
+from meml.trainer import LossNotFinite, Stage, batch_indices, make_optimizer, restore, run_stage, truncate_metrics
 
 LOADERS = {"gsm8k": data.load_gsm8k, "mathqa": data.load_mathqa, "strategyqa": data.load_strategyqa}
 
@@ -129,6 +129,8 @@ def build_world(args, cfg, run_dir: Path, device, dtype):
             answers += data.load_expert_jsonl(path)
     if args.train_size:
         train = train[:args.train_size]
+        kept = {ex.id for ex in train}
+        answers = [a for a in answers if a.id in kept]
     tokenizer = Tokenizer.from_pretrained(model_dir)
     for n, teacher_dir in enumerate(args.teacher, start=1):
         teacher = Transformer.from_pretrained(teacher_dir, dtype=dtype, device=device)
@@ -194,13 +196,27 @@ def summarise_riel(metrics_path: Path, num_experts: int) -> dict | None:
 def main(argv=None) -> int:
     started = time.time()
     args = parse_args(argv)
-    cfg = make_config(args.preset, synthetic=args.model is None, overrides=overrides_from(args))
+    if args.resume:  # a resumed run is the same run: its own arguments, read back from its folder
+        saved = args.resume / "args.json"
+        if not saved.exists():
+            sys.exit(f"train.py: {saved} not found: --resume takes the run folder of an earlier train.py run")
+        args = parse_args(json.loads(saved.read_text()) + ["--resume", str(args.resume)])
+    else:
+        args.output.mkdir(parents=True, exist_ok=True)
+        (args.output / "args.json").write_text(json.dumps(sys.argv[1:] if argv is None else list(argv)))
+    try:
+        cfg = make_config(args.preset, synthetic=args.model is None, overrides=overrides_from(args))
+    except ValueError as err:
+        sys.exit(f"train.py: {err}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     run_dir = args.resume if args.resume else args.output
     resume_from = None
     if args.resume:
-        resume_from = latest_checkpoint(args.resume) or args.resume
+        resume_from = latest_checkpoint(run_dir)
+        if resume_from is None:
+            sys.exit(f"train.py: no complete checkpoint in {run_dir} to resume from")
         state = load_trainer_state(resume_from)
+        truncate_metrics(run_dir / "metrics.jsonl", state["stage"], state["step"])
         print(f"resuming from {resume_from} (stage {state['stage']}, step {state['step']})")
     model_dir, model, tok, train, evals, answers, prompts, dataset = build_world(args, cfg, run_dir, device, dtype)
     if resume_from is not None:
@@ -213,7 +229,7 @@ def main(argv=None) -> int:
         if cfg.run_mef:
             experts = [cfg.expert] if cfg.single_expert else list(range(len(prompts)))
             items, dropped = mef_items(tok, train, answers, prompts, dataset, experts)
-            mef_steps = args.mef_steps or math.ceil(len(items) * cfg.mef_epochs / cfg.mef_batch_size)
+            mef_steps = args.mef_steps if args.mef_steps is not None else math.ceil(len(items) * cfg.mef_epochs / cfg.mef_batch_size)
             if stage_of_resume != "riel":
                 print(f"MEF: {len(items)} answers from experts {experts} (dropped as wrong: {dropped}), {mef_steps} steps")
                 stage = Stage("mef", mef_steps, cfg.mef_lr, cfg.save_every, cfg.grad_clip, cfg.weight_decay,
@@ -235,7 +251,7 @@ def main(argv=None) -> int:
                                     else evaluate(model, tok, evals, prompts, dataset, cfg))
         # ---- Stage 2: RIEL (E2-E7) ----
         if cfg.run_riel:
-            riel_steps = args.riel_steps or math.ceil(len(train) * cfg.riel_epochs / cfg.riel.questions_per_step)
+            riel_steps = args.riel_steps if args.riel_steps is not None else math.ceil(len(train) * cfg.riel_epochs / cfg.riel.questions_per_step)
             print(f"RIEL ({cfg.preset}): {riel_steps} steps x {cfg.riel.questions_per_step} questions x "
                   f"{len(prompts)} experts x G={cfg.riel.group_size}")
             generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -243,7 +259,10 @@ def main(argv=None) -> int:
                       if cfg.riel.use_buffer else None)
             stage = Stage("riel", riel_steps, cfg.riel_lr, cfg.save_every, cfg.grad_clip, cfg.weight_decay, 0,
                           step_offset=mef_steps, generators={"sampling": generator},
-                          extra_state={"buffer": buffer} if buffer is not None else {})
+                          extra_state={"buffer": buffer} if buffer is not None else {},
+                          hidden_losses=tuple(name for name, off in [("loss/ref_kl", cfg.riel.beta == 0),
+                                                                     ("loss/inter_expert_kl", cfg.riel.inter_expert_weight == 0),
+                                                                     ("loss/sft", buffer is None)] if off))
             ref_model = None
             if cfg.riel.beta > 0:  # E4's reference: the policy as RIEL starts, kept on disk for resume
                 ref_dir = run_dir / "reference"

@@ -105,4 +105,23 @@ def make_config(preset: str, synthetic: bool, overrides: dict) -> TrainConfig:
     if synthetic:
         cfg = with_overrides(cfg, SYNTHETIC_SETTINGS)
     cfg = with_overrides(cfg, PRESETS[preset])
-    return with_overrides(cfg, overrides)
+    cfg = with_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Settings that cannot work together, named by their command-line options."""
+    r = cfg.riel
+    if not 0 <= r.buffer_k <= r.group_size:
+        raise ValueError(f"--buffer-k {r.buffer_k} must be between 0 and --group-size {r.group_size} "
+                         f"(a group with more than K of its G rollouts wrong enters the buffer)")
+    if r.group_size < 2 and cfg.run_riel:
+        raise ValueError(f"--group-size {r.group_size}: group advantages (E2) need at least 2 rollouts")
+    choices = {"advantage_scale": ("none", "group_std", "batch_std"), "loss": ("paper", "clipped"),
+               "aggregation": ("token_mean", "seq_mean_token_mean", "dr_grpo"),
+               "inter_expert_variant": ("sequence", "full_vocab"), "buffer_target": ("gold", "expert"),
+               "kl_estimator": ("k1", "k2", "k3")}
+    for name, allowed in choices.items():
+        if getattr(r, name) not in allowed:
+            raise ValueError(f"riel.{name}={getattr(r, name)!r}: expected one of {allowed}")

@@ -41,6 +41,7 @@ class Stage:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     step_offset: int = 0         # steps of earlier stages: checkpoints are numbered globally
+    hidden_losses: tuple = ()    # loss parts switched off in this run: kept out of the progress line
     generators: dict[str, torch.Generator] = field(default_factory=dict)  # saved and restored
     extra_state: dict = field(default_factory=dict)  # objects with state_dict()/load_state_dict()
 
@@ -82,6 +83,16 @@ def restore(state: dict, stage: Stage, optimizer) -> int:
     return state["step"]
 
 
+def truncate_metrics(path: Path, stage: str, step: int) -> None:
+    """On resume, forget the metric lines of steps after the checkpoint: they will be run again."""
+    if not path.exists():
+        return
+    order = {"mef": 0, "riel": 1}
+    keep = [line for line in path.read_text().splitlines()
+            if (order[json.loads(line)["stage"]], json.loads(line)["step"]) <= (order[stage], step)]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
 def _fmt_eta(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     return f"{m}m{s:02d}s"
@@ -93,7 +104,8 @@ def _progress_line(stage: Stage, step: int, metrics: dict, eta: float) -> str:
         per_expert = " ".join(f"{v:.2f}" for k, v in sorted(metrics.items())
                               if k.startswith("rewards/expert_") and k.endswith("/mean"))
         parts.append(f"reward {metrics['reward']:.3f} [{per_expert}]")
-    losses = " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in metrics.items() if k.startswith("loss/"))
+    losses = " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in metrics.items()
+                      if k.startswith("loss/") and k not in stage.hidden_losses)
     parts.append(f"loss {losses}")
     parts.append(f"{metrics.get('tokens_per_second', 0):.0f} tok/s")
     parts.append(f"ETA {_fmt_eta(eta)}")
