@@ -53,6 +53,7 @@ def main(argv=None) -> int:
         prompts = json.loads(args.system_prompts.read_text())
     model = Transformer.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     tokenizer = Tokenizer.from_pretrained(args.model)
+    tokenizer.fit_to_model(model.config.vocab_size, source=str(args.model))
     r = evaluate_experts(model, tokenizer, examples[:args.limit], prompts, args.dataset,
                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                          pass_k=args.pass_k, seed=args.seed)

@@ -132,9 +132,12 @@ def build_world(args, cfg, run_dir: Path, device, dtype):
         kept = {ex.id for ex in train}
         answers = [a for a in answers if a.id in kept]
     tokenizer = Tokenizer.from_pretrained(model_dir)
+    tokenizer.fit_to_model(model.config.vocab_size, source=str(model_dir))
     for n, teacher_dir in enumerate(args.teacher, start=1):
         teacher = Transformer.from_pretrained(teacher_dir, dtype=dtype, device=device)
-        generated = generate_expert_data(teacher, Tokenizer.from_pretrained(teacher_dir), train, prompts[n], n,
+        teacher_tokenizer = Tokenizer.from_pretrained(teacher_dir)
+        teacher_tokenizer.fit_to_model(teacher.config.vocab_size, source=str(teacher_dir))
+        generated = generate_expert_data(teacher, teacher_tokenizer, train, prompts[n], n,
                                          dataset, generator=torch.Generator(device=device).manual_seed(cfg.seed))
         data.write_expert_jsonl(run_dir / f"expert{n}.jsonl", generated)
         print(f"teacher {teacher_dir}: {len(generated)}/{len(train)} verified answers -> {run_dir}/expert{n}.jsonl")

@@ -186,6 +186,20 @@ class Tokenizer:
         pad_id = token_id("pad_token", pad_token) if pad_token else eot_id  # pads are masked anyway
         return cls(tokenizer, chat_format, bos_token, sorted(stop_ids), pad_id, eot_id)
 
+    def fit_to_model(self, model_vocab_size: int, source: str) -> None:
+        """Sample and score only ids the model has too: vocab_size = min(ours, the model's).
+
+        The Llama 3.2 *Vision* tokenizer knows one id (<|image|>, 128256) past the text models'
+        128256 rows; harmless as long as no id a chat needs lies beyond the model. Anything the
+        chat format emits (stop, pad, end-of-turn) must fit, or the pair is a mismatch.
+        """
+        needed = {"eot_id": self.eot_id, "pad_id": self.pad_id, **{f"stop id {i}": i for i in self.stop_ids}}
+        for name, i in needed.items():
+            if i >= model_vocab_size:
+                raise ValueError(f"tokenizer's {name} = {i} is outside the model's vocabulary of "
+                                 f"{model_vocab_size} ({source}): tokenizer and checkpoint do not match")
+        self.vocab_size = min(self.vocab_size, model_vocab_size)
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, no special tokens added (special-token text in it still maps to its id)."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids

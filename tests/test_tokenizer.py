@@ -308,3 +308,15 @@ def test_bad_messages_are_named(tmp_path, messages, match):
     write_small_tokenizer(tmp_path, PLAIN_CHATML_TEMPLATE)
     with pytest.raises(ValueError, match=match):
         Tokenizer.from_pretrained(tmp_path).apply_chat_template(messages)
+
+
+def test_fit_to_model_drops_ids_past_the_models_vocabulary_and_refuses_a_mismatch():
+    # The shared Llama tokenizer is the Vision one: <|image|> = 128256, one past the text model.
+    tok = Tokenizer.from_pretrained(require_shared("tokenizers", "llama3"))
+    assert tok.vocab_size == 128257
+    tok.fit_to_model(128256, source="Llama-3.2-1B-Instruct")
+    assert tok.vocab_size == 128256
+    tok.fit_to_model(200000, source="bigger model")  # never grows
+    assert tok.vocab_size == 128256
+    with pytest.raises(ValueError, match=r"eot_id = 128009 is outside the model's vocabulary of 32000 \(tiny\)"):
+        tok.fit_to_model(32000, source="tiny")
