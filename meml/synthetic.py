@@ -58,7 +58,7 @@ class Difficulty:
     steps: int               # number of steps after the starting amount
     max_operand: int         # largest start / added / subtracted amount
     kinds: tuple[str, ...]   # step kinds drawn from
-    max_factor: int = 3      # largest multiplier in "mul" and bag count / size bound in "groups"
+    max_factor: int = 3      # largest multiplier: "mul" factor and number of bags in "groups"
 
 
 DIFFICULTIES = {
@@ -137,7 +137,7 @@ def _draw(rng: random.Random, level: int) -> tuple[int, tuple[Step, ...]]:
             elif kind == "sub":
                 step = Step("sub", rng.randint(1, min(x, d.max_operand)))
             elif kind == "groups":
-                step = Step("groups", rng.randint(2, d.max_factor + 1), rng.randint(2, 9))
+                step = Step("groups", rng.randint(2, d.max_factor), rng.randint(2, 9))  # bags of 2-9
             else:
                 step = Step("mul", rng.randint(2, d.max_factor))
             steps.append(step)
@@ -288,7 +288,7 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # pad / turn s
 # Plain ChatML with a real system role and no default system prompt.
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
