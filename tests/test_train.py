@@ -1,0 +1,120 @@
+"""The whole pipeline on the synthetic world, in seconds: presets, resume, the NaN guard.
+
+Every run here is `train.py` itself (in-process through `main`, or as a subprocess where it
+must be killed), with tiny step counts: what is checked is the plumbing a user relies on, not
+accuracy.
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT))
+import train  # noqa: E402
+from meml.config import PRESETS  # noqa: E402
+
+TINY = ["--train-size", "16", "--eval-size", "2", "--pass-k", "0", "--max-new-tokens", "8",
+        "--questions-per-step", "2", "--group-size", "4", "--buffer-k", "2", "--mef-batch-size", "8"]
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_preset_runs_a_step(preset, tmp_path):
+    assert train.main(["--preset", preset, "--output", str(tmp_path), "--mef-steps", "1", "--riel-steps", "1"] + TINY) == 0
+    rows = metrics(tmp_path)
+    stages = [r["stage"] for r in rows]
+    cfg = PRESETS[preset]
+    assert stages.count("mef") == (0 if cfg.get("run_mef") is False else 1)
+    assert stages.count("riel") == (0 if cfg.get("run_riel") is False else 1)
+    for row in rows:
+        assert all(math.isfinite(v) for k, v in row.items() if k.startswith("loss/"))
+    if "riel" in stages:
+        riel = rows[-1]
+        num_experts = 1 if cfg.get("single_expert") else 3
+        assert [k for k in riel if k.startswith("rewards/expert_") and k.endswith("/mean")] == \
+            [f"rewards/expert_{i}/mean" for i in range(num_experts)]
+        results = json.loads((tmp_path / "results.json").read_text())["results"]
+        assert len(results["after RIEL"]["accuracy"]) == num_experts
+
+
+def test_a_few_steps_of_mef_and_riel(tmp_path):
+    """Loss parts present and finite, the buffer fills and triggers SFT, checkpoints round-trip."""
+    args = ["--output", str(tmp_path), "--mef-steps", "2", "--riel-steps", "3", "--buffer-capacity", "2",
+            "--save-every", "1"] + TINY
+    assert train.main(args) == 0
+    rows = metrics(tmp_path)
+    riel = [r for r in rows if r["stage"] == "riel"]
+    assert [r["step"] for r in rows] == [1, 2, 1, 2, 3]
+    for r in riel:
+        for part in ("loss/policy", "loss/inter_expert_kl", "loss/sft", "loss/total"):
+            assert math.isfinite(r[part])
+    # An untrained model gets (almost) everything wrong: every group has > K = 2 of 4 wrong, so
+    # each step offers 6 groups to the buffer; at capacity 2 it must fill and trigger SFT.
+    assert sum(r["buffer/insertions"] for r in riel) > 0
+    assert sum(r["buffer/sft_triggers"] for r in riel) > 0 and any(r["loss/sft"] > 0 for r in riel)
+    # The last checkpoint loads in our decoder and in transformers with the same logits.
+    transformers = pytest.importorskip("transformers")
+    from meml.model import Transformer
+    last = tmp_path / "checkpoint-000005"
+    ours = Transformer.from_pretrained(last).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(last, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        assert torch.allclose(ours(ids), theirs(ids).logits, atol=1e-4)
+    state = torch.load(last / "trainer_state.pt", weights_only=True)
+    assert state["stage"] == "riel" and state["step"] == 3 and "buffer" in state["extra"]
+
+
+def _weights(checkpoint):
+    return load_file(str(checkpoint / "model.safetensors"))
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
+    args = ["--mef-steps", "2", "--riel-steps", "5", "--save-every", "1", "--buffer-capacity", "3"] + TINY
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert train.main(["--output", str(whole)] + args) == 0
+
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"), "--output", str(killed)] + args,
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = killed / "checkpoint-000004"  # two RIEL steps done
+    deadline = time.time() + 300
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.exists(), "the run never reached its second RIEL checkpoint"
+    assert not (killed / "results.json").exists(), "the run finished before it could be killed"
+
+    assert train.main(["--resume", str(killed)]) == 0
+    final_whole, final_resumed = _weights(whole / "checkpoint-000007"), _weights(killed / "checkpoint-000007")
+    assert final_whole.keys() == final_resumed.keys()
+    for name in final_whole:
+        assert torch.equal(final_whole[name], final_resumed[name]), name
+    steps = [(r["stage"], r["step"]) for r in metrics(killed)]
+    assert steps == [("mef", 1), ("mef", 2)] + [("riel", s) for s in range(1, 6)]  # no step logged twice
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    # A learning rate of 1e30 blows the weights up after the first step; the next loss is not finite.
+    args = ["--output", str(tmp_path), "--mef-steps", "4", "--riel-steps", "0", "--save-every", "1",
+            "--mef-lr", "1e30"] + TINY
+    assert train.main(args) == 1
+    assert "loss became nan" in capsys.readouterr().err.lower()
+    checkpoints = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
+    assert checkpoints, "the first (finite) step should have been checkpointed"
+    from meml.model import Transformer
+    model = Transformer.from_pretrained(tmp_path / checkpoints[-1])  # intact: loads, no temp folders left
+    assert not list(tmp_path.glob(".checkpoint-*"))
+    assert model is not None
