@@ -125,12 +125,18 @@ def build_world(args, cfg, run_dir: Path, device, dtype):
         dataset = args.dataset
         prompts = json.loads(args.system_prompts.read_text()) if args.system_prompts else list(EXPERT_SYSTEM_PROMPTS)
         answers = [data.ExpertAnswer(ex.id, 0, ex.solution) for ex in train]  # Expert0: gold (METHOD.md)
+        known = {ex.id for ex in examples}
         for path in args.expert_data:
-            answers += data.load_expert_jsonl(path)
+            loaded = data.load_expert_jsonl(path)
+            unknown = [a.id for a in loaded if a.id not in known]
+            if unknown:
+                sys.exit(f"train.py: {path}: {len(unknown)} answers name questions that are not in {args.data} "
+                         f"(first: {unknown[0]!r}); ids are <dataset>-<file stem>-<line or record number>")
+            answers += loaded
     if args.train_size:
         train = train[:args.train_size]
-        kept = {ex.id for ex in train}
-        answers = [a for a in answers if a.id in kept]
+    in_train = {ex.id for ex in train}
+    answers = [a for a in answers if a.id in in_train]  # answers to held-out questions never train
     tokenizer = Tokenizer.from_pretrained(model_dir)
     tokenizer.fit_to_model(model.config.vocab_size, source=str(model_dir))
     for n, teacher_dir in enumerate(args.teacher, start=1):

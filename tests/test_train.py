@@ -118,3 +118,66 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, capsys
     model = Transformer.from_pretrained(tmp_path / checkpoints[-1])  # intact: loads, no temp folders left
     assert not list(tmp_path.glob(".checkpoint-*"))
     assert model is not None
+
+
+def _tiny_hf_checkpoint(folder, tokenizer_dir, model_type, vocab_size):
+    """A random-weight checkpoint in the real layout, written by transformers, with a tokenizer."""
+    import shutil
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    if model_type == "llama":
+        config = transformers.LlamaConfig(**common, rope_scaling={
+            "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64})
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tokenizer_dir / name, folder / name)
+    return folder
+
+
+def _gsm8k_files(tmp_path, num=6):
+    """GSM8K-format questions and an expert-1 JSONL answering half of them correctly."""
+    from meml.data import ExpertAnswer, write_expert_jsonl
+    lines = [json.dumps({"question": f"Mia has {n} apples and buys {n + 1} more. How many apples now?",
+                         "answer": f"{n} + {n + 1} = {2 * n + 1}\n#### {2 * n + 1}"}) for n in range(num)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    answers = [ExpertAnswer(f"gsm8k-train-{n + 1}", 1, f"The answer is {2 * n + 1 + n % 2}.") for n in range(num)]
+    write_expert_jsonl(tmp_path / "expert1.jsonl", answers)
+    return data, tmp_path / "expert1.jsonl"
+
+
+@pytest.mark.parametrize("tokenizer,model_type,vocab", [("qwen2.5", "qwen2", 151936), ("llama3", "llama", 128256)])
+def test_real_checkpoint_layout_runs_both_stages(tmp_path, capsys, tokenizer, model_type, vocab):
+    from conftest import require_shared
+    folder = _tiny_hf_checkpoint(tmp_path / "model", require_shared("tokenizers", tokenizer), model_type, vocab)
+    data, expert1 = _gsm8k_files(tmp_path)
+    args = ["--model", str(folder), "--dataset", "gsm8k", "--data", str(data), "--expert-data", str(expert1),
+            "--output", str(tmp_path / "run"), "--mef-steps", "1", "--riel-steps", "1", "--eval-size", "2",
+            "--pass-k", "2", "--max-new-tokens", "6", "--questions-per-step", "1", "--group-size", "2",
+            "--buffer-k", "1", "--mef-batch-size", "4"]
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    # 4 training questions: expert 0 = their gold solutions, expert 1 = the JSONL (2 of 4 right:
+    # the wrong ones are dropped), expert 2 has no data.
+    assert "MEF: 6 answers from experts [0, 1, 2] (dropped as wrong: {0: 0, 1: 2, 2: 0})" in out
+    results = json.loads((tmp_path / "run" / "results.json").read_text())["results"]
+    assert set(results) == {"after MEF", "after RIEL"} and len(results["after RIEL"]["pass@2"]) == 3
+
+
+def test_evaluate_cli_prints_and_writes_every_e8_figure(tmp_path, capsys):
+    import evaluate
+    assert train.main(["--output", str(tmp_path / "run"), "--mef-steps", "1", "--riel-steps", "0"] + TINY) == 0
+    checkpoint = tmp_path / "run" / "checkpoint-000001"
+    out_json = tmp_path / "eval.json"
+    assert evaluate.main(["--model", str(checkpoint), "--dataset", "synthetic", "--limit", "3",
+                          "--max-new-tokens", "8", "--pass-k", "2", "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    assert "majority" in printed and "oracle" in printed and "pass@2" in printed and "error overlap" in printed
+    r = json.loads(out_json.read_text())
+    assert r["num_questions"] == 3 and len(r["accuracy"]) == 3 and len(r["pass@1"]) == 3
+    assert r["oracle"] >= max(r["accuracy"]) and len(r["error_overlap"]) == 7
