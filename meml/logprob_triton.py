@@ -79,7 +79,7 @@ class TritonTokenLogprobs(torch.autograd.Function):
     """Same contract and equations as meml.logprob.ChunkedTokenLogprobs (read its docstring)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature):
+    def forward(ctx, hidden, weight, targets, temperature, with_entropy):
         n_rows, vocab_size = hidden.shape[0], weight.shape[0]
         chunks = vocab_chunks(n_rows, vocab_size)
         chunk_lse = hidden.new_empty(len(chunks), n_rows, dtype=torch.float32)   # [C, N]
@@ -95,10 +95,12 @@ class TritonTokenLogprobs(torch.autograd.Function):
         lse, entropy = merge_chunk_stats(chunk_lse, chunk_entropy)
         real = targets >= 0
         logp = torch.where(real, target_logit - lse, 0.0)
-        entropy = torch.where(real, entropy, 0.0)
+        entropy = torch.where(real, entropy, 0.0) if with_entropy else torch.zeros_like(logp)
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.temperature = temperature
-        ctx.mark_non_differentiable(targets)
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy)
+        ctx.set_materialize_grads(False)     # an unused output's gradient arrives as None
         return logp, entropy
 
     @staticmethod
@@ -124,4 +126,4 @@ class TritonTokenLogprobs(torch.autograd.Function):
                 torch.mm(grad_logits.T, hidden, out=grad_weight[start:end])
             del grad_logits
         grad_hidden = grad_hidden.to(hidden.dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
