@@ -22,9 +22,9 @@ and no gradient. The optional entropy -sum_v p_v log p_v (per row, fp32) is diff
 """
 import torch
 
-# Logits block held at once by the chunked path, in elements: 2**24 fp32 = 64 MB (chosen by
-# measurement with bench/bench_logprob.py: smaller blocks pay more per-call matmul overhead,
-# larger ones only cost memory).
+# Logits block held at once by the chunked path, in elements: 2**24 fp32 = 64 MB. Measured
+# with bench/bench_logprob.py (reference_runs/LOG.md): 2**22 was ~10% slower at N = 2048;
+# 2**23 .. 2**25 were within the noise of this shared machine, so the middle one.
 CHUNK_ELEMENTS = 2**24
 MIN_CHUNK_COLUMNS = 1024
 
