@@ -22,9 +22,9 @@ and no gradient. The optional entropy -sum_v p_v log p_v (per row, fp32) is diff
 """
 import torch
 
-# Logits block held at once by the chunked path, in elements: 2**24 fp32 = 64 MB (chosen by
-# measurement with bench/bench_logprob.py: smaller blocks pay more per-call matmul overhead,
-# larger ones only cost memory).
+# Logits block held at once by the chunked path, in elements: 2**24 fp32 = 64 MB. Measured
+# with bench/bench_logprob.py (reference_runs/LOG.md): 2**22 was ~10% slower at N = 2048;
+# 2**23 .. 2**25 were within the noise of this shared machine, so the middle one.
 CHUNK_ELEMENTS = 2**24
 MIN_CHUNK_COLUMNS = 1024
 
@@ -62,10 +62,12 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, *, ignore_index=-10
     if impl == "naive":
         logp, entropy = naive_token_logprobs(hidden, weight, targets, temperature)
     elif impl == "chunked":
-        logp, entropy = ChunkedTokenLogprobs.apply(hidden, weight, targets, float(temperature))
+        logp, entropy = ChunkedTokenLogprobs.apply(hidden, weight, targets, float(temperature),
+                                                   return_entropy)
     elif impl == "triton":
         from meml.logprob_triton import TritonTokenLogprobs
-        logp, entropy = TritonTokenLogprobs.apply(hidden, weight, targets, float(temperature))
+        logp, entropy = TritonTokenLogprobs.apply(hidden, weight, targets, float(temperature),
+                                                  return_entropy)
     else:
         raise ValueError(f"token_logprobs: impl must be auto, naive, chunked or triton, got {impl!r}")
     return (logp, entropy) if return_entropy else logp
@@ -97,16 +99,18 @@ def vocab_chunks(n_rows, vocab_size):
     return [(start, min(start + width, vocab_size)) for start in range(0, vocab_size, width)]
 
 
-def merge_chunk_stats(chunk_lse, chunk_entropy):
+def merge_chunk_stats(chunk_lse, chunk_entropy=None):
     """Combine per-chunk logsumexp and entropy into whole-vocabulary ones.
 
     chunk_lse, chunk_entropy: [C, N], each computed over one block of columns alone. Block c
     holds a share q_c = exp(lse_c - lse) of the probability mass, so lse = logsumexp_c lse_c,
     and (the chain rule of entropy over disjoint blocks) entropy = sum_c q_c (H_c - log q_c).
     Written this way no large logits are subtracted from each other, so fp32 keeps ~1e-6.
-    Returns lse [N], entropy [N].
+    Returns lse [N] and entropy [N] (None when chunk_entropy is None).
     """
     lse = torch.logsumexp(chunk_lse, dim=0)
+    if chunk_entropy is None:
+        return lse, None
     log_share = chunk_lse - lse
     return lse, (log_share.exp() * (chunk_entropy - log_share)).sum(0)
 
@@ -123,15 +127,17 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
       and d hidden = (dz / T) @ weight, d weight = (dz / T).T @ hidden. dz is linear in (g, e),
       so dz / T comes straight from (g / T, e / T).
     Logits are computed exactly as the naive path does, (hidden @ weight.T).float() / T, so
-    bf16 inputs round the same way in both.
+    bf16 inputs round the same way in both. The entropy costs one more pass over each block
+    (and its own branch in the backward), so it is computed only when asked for; otherwise the
+    second output is zeros without a gradient.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature):
+    def forward(ctx, hidden, weight, targets, temperature, with_entropy):
         n_rows, vocab_size = hidden.shape[0], weight.shape[0]
         chunks = vocab_chunks(n_rows, vocab_size)
         chunk_lse = hidden.new_empty(len(chunks), n_rows, dtype=torch.float32)   # [C, N]
-        chunk_entropy = torch.empty_like(chunk_lse)                              # [C, N]
+        chunk_entropy = torch.empty_like(chunk_lse) if with_entropy else None     # [C, N]
         target_logit = hidden.new_zeros(n_rows, dtype=torch.float32)             # [N]
         for c, (start, end) in enumerate(chunks):
             z = (hidden @ weight[start:end].T).float().div_(temperature)        # [N, chunk]
@@ -141,18 +147,21 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
             row_max = z.amax(dim=1, keepdim=True)                                # [N, 1]
             e = z.sub_(row_max).exp_()            # in place: z is dead, e = exp(z - max)
             mass = e.sum(1)
-            # The block's own entropy, log mass - sum_v e_v (z_v - max) / mass, where
-            # e_v (z_v - max) = xlogy(e_v, e_v): no need to keep z.
-            chunk_entropy[c] = mass.log() - torch.special.xlogy(e, e).sum(1) / mass
             chunk_lse[c] = mass.log() + row_max.squeeze(1)
+            if with_entropy:
+                # The block's own entropy, log mass - sum_v e_v (z_v - max) / mass, where
+                # e_v (z_v - max) = xlogy(e_v, e_v): no need to keep z.
+                chunk_entropy[c] = mass.log() - torch.special.xlogy(e, e).sum(1) / mass
             del z, e
         lse, entropy = merge_chunk_stats(chunk_lse, chunk_entropy)
         real = targets >= 0
         logp = torch.where(real, target_logit - lse, 0.0)
-        entropy = torch.where(real, entropy, 0.0)
+        entropy = torch.where(real, entropy, 0.0) if with_entropy else torch.zeros_like(logp)
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.temperature = temperature
-        ctx.mark_non_differentiable(targets)
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy)
+        ctx.set_materialize_grads(False)     # an unused output's gradient arrives as None
         return logp, entropy
 
     @staticmethod
@@ -187,5 +196,5 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
                 torch.mm(dz.T, hidden, out=grad_weight[start:end])
             del z, log_p, dz
         grad_hidden = grad_hidden.to(hidden.dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 

@@ -24,13 +24,13 @@ BLOCK_V = 1024   # column tile of one program; the interpreter is fastest with w
 
 
 @triton.jit
-def _chunk_stats_kernel(z_ptr, z_row_stride, width, inv_temperature, targets_ptr, chunk_start,
+def _chunk_stats_kernel(logits_ptr, row_stride, width, inv_temperature, targets_ptr, chunk_start,
                         lse_ptr, entropy_ptr, target_logit_ptr, BLOCK_V: tl.constexpr):
-    """One program per row: with z = logits / T, the logsumexp, entropy and (if the target falls
-    here) the target logit of z[row, :width], walking BLOCK_V columns at a time with a running max m, running mass
-    S = sum exp(z - m) and running A = sum exp(z - m) (z - m)."""
+    """One program per row of a [N, width] block of logits; z = logits / T. Writes the block's
+    logsumexp and entropy of z[row] and, if the target falls in the block, its z. Walks BLOCK_V
+    columns at a time keeping a running max m, mass = sum exp(z - m), a = sum exp(z - m) (z - m)."""
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = z_ptr + row * z_row_stride
+    row_ptr = logits_ptr + row * row_stride
     m = -float("inf")
     mass = 0.0
     a = 0.0
@@ -57,29 +57,29 @@ def _chunk_stats_kernel(z_ptr, z_row_stride, width, inv_temperature, targets_ptr
 
 
 @triton.jit
-def _chunk_grad_kernel(z_ptr, z_row_stride, width, inv_temperature, targets_ptr, chunk_start,
+def _chunk_grad_kernel(logits_ptr, row_stride, width, inv_temperature, targets_ptr, chunk_start,
                        lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
                        BLOCK_V: tl.constexpr):
-    """Program (row, tile): overwrite logits[row, tile] with d/dlogits = dz / T, where
-    dz = g [v = target] - p (g + e (log p + H)) and z = logits / T."""
+    """Program (row, tile) of a [N, width] block: overwrite logits[row, tile] with their gradient
+    dz / T, where z = logits / T and dz = g [v = target] - p (g + e (log p + entropy))."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     valid = cols < width
-    ptrs = z_ptr + row * z_row_stride + cols
+    ptrs = logits_ptr + row * row_stride + cols
     z = tl.load(ptrs, mask=valid, other=0.0).to(tl.float32) * inv_temperature
     g = tl.load(grad_logp_ptr + row)
     e = tl.load(grad_entropy_ptr + row)
     log_p = z - tl.load(lse_ptr + row)
     dz = -tl.exp(log_p) * (g + e * (log_p + tl.load(entropy_ptr + row)))
     dz += tl.where(cols == tl.load(targets_ptr + row) - chunk_start, g, 0.0)
-    tl.store(ptrs, (dz * inv_temperature).to(z_ptr.dtype.element_ty), mask=valid)
+    tl.store(ptrs, (dz * inv_temperature).to(logits_ptr.dtype.element_ty), mask=valid)
 
 
 class TritonTokenLogprobs(torch.autograd.Function):
     """Same contract and equations as meml.logprob.ChunkedTokenLogprobs (read its docstring)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature):
+    def forward(ctx, hidden, weight, targets, temperature, with_entropy):
         n_rows, vocab_size = hidden.shape[0], weight.shape[0]
         chunks = vocab_chunks(n_rows, vocab_size)
         chunk_lse = hidden.new_empty(len(chunks), n_rows, dtype=torch.float32)   # [C, N]
@@ -95,10 +95,12 @@ class TritonTokenLogprobs(torch.autograd.Function):
         lse, entropy = merge_chunk_stats(chunk_lse, chunk_entropy)
         real = targets >= 0
         logp = torch.where(real, target_logit - lse, 0.0)
-        entropy = torch.where(real, entropy, 0.0)
+        entropy = torch.where(real, entropy, 0.0) if with_entropy else torch.zeros_like(logp)
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.temperature = temperature
-        ctx.mark_non_differentiable(targets)
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy)
+        ctx.set_materialize_grads(False)     # an unused output's gradient arrives as None
         return logp, entropy
 
     @staticmethod
@@ -124,4 +126,4 @@ class TritonTokenLogprobs(torch.autograd.Function):
                 torch.mm(grad_logits.T, hidden, out=grad_weight[start:end])
             del grad_logits
         grad_hidden = grad_hidden.to(hidden.dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
