@@ -78,20 +78,24 @@ def parse_args(argv=None):
     g = p.add_argument_group("evaluation (E8)")
     g.add_argument("--eval-size", type=int, help="questions to evaluate on")
     g.add_argument("--pass-k", type=int, help="samples per question for pass@k (0: skip)")
+    g.add_argument("--eval-max-new-tokens", type=int, help="completion length limit when evaluating")
     g = p.add_argument_group("run")
     g.add_argument("--output", type=Path, default=Path("runs/default"), help="run folder (checkpoints, logs)")
     g.add_argument("--resume", type=Path, help="run folder (or checkpoint folder) to continue from")
     g.add_argument("--seed", type=int, help="seed for data order, sampling and the buffer")
     g.add_argument("--save-every", type=int, help="checkpoint every N steps")
     g.add_argument("--sample-every", type=int, help="log a completion every N RIEL steps")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the model lives (default: cuda when available)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="parameter dtype (bfloat16 halves memory on GPU; optimizer states follow it)")
     return p.parse_args(argv)
 
 
 def overrides_from(args) -> dict:
     names = {"expert": "expert", "mef_lr": "mef_lr", "mef_epochs": "mef_epochs", "mef_batch_size": "mef_batch_size",
              "riel_lr": "riel_lr", "riel_epochs": "riel_epochs", "eval_size": "eval_size", "pass_k": "pass_k",
+             "eval_max_new_tokens": "eval_max_new_tokens",
              "seed": "seed", "save_every": "save_every", "sample_every": "sample_every",
              "questions_per_step": "riel.questions_per_step", "group_size": "riel.group_size",
              "max_new_tokens": "riel.max_new_tokens", "temperature": "riel.temperature",

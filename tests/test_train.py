@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import train  # noqa: E402
 from meml.config import PRESETS  # noqa: E402
 
-TINY = ["--train-size", "16", "--eval-size", "2", "--pass-k", "0", "--max-new-tokens", "8",
+TINY = ["--train-size", "16", "--eval-size", "2", "--pass-k", "0", "--max-new-tokens", "8", "--eval-max-new-tokens", "8",
         "--questions-per-step", "2", "--group-size", "4", "--buffer-k", "2", "--mef-batch-size", "8"]
 
 
@@ -158,7 +158,7 @@ def test_real_checkpoint_layout_runs_both_stages(tmp_path, capsys, tokenizer, mo
     data, expert1 = _gsm8k_files(tmp_path)
     args = ["--model", str(folder), "--dataset", "gsm8k", "--data", str(data), "--expert-data", str(expert1),
             "--output", str(tmp_path / "run"), "--mef-steps", "1", "--riel-steps", "1", "--eval-size", "2",
-            "--pass-k", "2", "--max-new-tokens", "6", "--questions-per-step", "1", "--group-size", "2",
+            "--pass-k", "2", "--max-new-tokens", "6", "--eval-max-new-tokens", "6", "--questions-per-step", "1", "--group-size", "2",
             "--buffer-k", "1", "--mef-batch-size", "4"]
     assert train.main(args) == 0
     out = capsys.readouterr().out
