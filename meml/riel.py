@@ -173,8 +173,9 @@ def inter_expert_step(model, world: World, ro: Rollouts, cfg: RielConfig) -> dic
         plus = pack([ro.prompts[r] for r in rows], completions, tok.pad_id, device=model.output_weight.device)
         minus = pack([minus_prompt] * len(rows), completions, tok.pad_id, device=model.output_weight.device)
         if cfg.inter_expert_variant == "full_vocab":
-            loss = inter_expert_kl_full_vocab(_logits(model, plus, cfg, tok), _logits(model, minus, cfg, tok),
-                                              minus.completion_mask)
+            with torch.no_grad():  # the teacher side is detached: no graph needed
+                plus_logits = _logits(model, plus, cfg, tok)
+            loss = inter_expert_kl_full_vocab(plus_logits, _logits(model, minus, cfg, tok), minus.completion_mask)
         else:
             with torch.no_grad():
                 lp_plus = completion_logprobs(model, plus, temperature=cfg.temperature, vocab_limit=tok.vocab_size)

@@ -147,3 +147,25 @@ def test_buffer_sft_is_the_nll_of_the_gold_solutions_under_each_experts_prompt(w
     (2.0 * expected).backward()
     assert value == pytest.approx(expected.item(), rel=1e-5)
     assert_same_grads(got, grads(model))
+
+
+def test_full_vocab_inter_expert_term_is_the_exact_kl_along_the_plus_rollouts(world):
+    model, w = world
+    ro = make_rollouts(w, DISAGREE)
+    model.zero_grad()
+    out = inter_expert_step(model, w, ro, RielConfig(group_size=G, inter_expert_variant="full_vocab"))
+    got = grads(model)
+
+    model.zero_grad()
+    V = w.tokenizer.vocab_size
+    total = []
+    for r in (0, 1):  # question 0's O+: expert 0's correct rollouts; E- = expert 2
+        c = ro.completions[r]
+        p_plus = torch.log_softmax(model(torch.tensor([ro.prompts[r] + c]))[0, :, :V], -1).detach()
+        p_minus = torch.log_softmax(model(torch.tensor([ro.prompts[2 * G] + c]))[0, :, :V], -1)
+        lp, lm = p_plus[len(ro.prompts[r]) - 1:-1], p_minus[len(ro.prompts[2 * G]) - 1:-1]  # [|c|, V]
+        total.append((lp.exp() * (lp - lm)).sum())  # Σ_t KL(p+ ‖ p−) along O+
+    expected = torch.stack(total).mean()
+    (0.1 * expected).backward()
+    assert out["loss/inter_expert_kl"] == pytest.approx(expected.item(), rel=1e-4)
+    assert_same_grads(got, grads(model))
