@@ -98,7 +98,7 @@ def sample_next_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: 
 
 
 def is_stop(ids: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
-    """[B] bool: which of the just-generated ids [B] are in the stop set (a 1-D long tensor)."""
+    """Bool, shaped like ids: which ids are in the stop set (stop_ids: a 1-D long tensor)."""
     return torch.isin(ids, stop_ids)
 
 
@@ -190,7 +190,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: 
     stop_hit = is_stop(completion_ids[:, :steps], stop)                  # [B, steps]
     completion_mask = (stop_hit.cumsum(dim=1) - stop_hit.long()) == 0     # nothing stopped before
     # Trim to the longest completion, so the result does not depend on check_every.
-    length = int(completion_mask.sum(dim=1).max()) if steps else 0
+    length = int(completion_mask.sum(dim=1).max())
     completion_mask = completion_mask[:, :length]
     completion_ids = completion_ids[:, :length].masked_fill(~completion_mask, pad_id)
     return Generation(completion_ids=completion_ids,

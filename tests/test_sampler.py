@@ -292,3 +292,13 @@ def test_restores_training_mode(checkpoint):
     generate(model, [[1, 2]], max_new_tokens=2, stop_ids=[], pad_id=0, temperature=0.0)
     assert model.training
     model.eval()
+
+
+def test_edge_cases_and_user_errors(checkpoint):
+    _, model, _ = checkpoint
+    none = generate(model, PROMPTS, max_new_tokens=0, stop_ids=[3], pad_id=0)
+    assert none.completion_ids.shape == (len(PROMPTS), 0) and not none.finished.any()
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(model, [[1], []], max_new_tokens=2, stop_ids=[], pad_id=0)
+    with pytest.raises(ValueError, match="vocab_limit"):
+        generate(model, [[1]], max_new_tokens=2, stop_ids=[], pad_id=0, vocab_limit=VOCAB + 1)
