@@ -54,11 +54,20 @@ class ModelConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: config.json not found (expected a Hugging Face model folder)")
-        return cls.from_hf_dict(json.loads(path.read_text()), source=str(path))
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf_dict(raw, source=str(path))
 
     @classmethod
     def from_hf_dict(cls, raw: dict, source: str = "config") -> "ModelConfig":
-        """Read a transformers config (v4 keys rope_theta/rope_scaling or v5 rope_parameters)."""
+        """Read a transformers config (v4 keys rope_theta/rope_scaling or v5 rope_parameters).
+
+        Anything this decoder would silently get wrong (another architecture or activation, MLP
+        bias, sliding-window layers, a RoPE type other than default/llama3) is a ValueError that
+        names the source file and the field.
+        """
         def unsupported(field, why):
             return ValueError(f"{source}: {field}={raw.get(field)!r} is not supported: {why}")
 
@@ -287,6 +296,8 @@ class Transformer(nn.Module):
         """
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
+        if kv_cache is not None and kv_cache.batch_size != B:
+            raise ValueError(f"KV cache was made for batch size {kv_cache.batch_size}, input_ids has {B} rows")
         if kv_cache is not None and past + T > kv_cache.max_len:
             raise ValueError(f"KV cache holds {kv_cache.max_len} slots; {past} used, {T} more do not fit")
         if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
@@ -327,12 +338,13 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             del expected["lm_head.weight"]  # tied: the head is the embedding, HF does not store it
 
-        state = {}
+        state, stored_head = {}, None
         for file, names in checkpoint_files(path).items():
             with safe_open(file, framework="pt", device=str(device)) as f:
                 for name in names:
                     if name == "lm_head.weight" and config.tie_word_embeddings:
-                        continue  # some tied checkpoints store the copy anyway; the embedding wins, as in HF
+                        stored_head = (file, f.get_tensor(name).to(dtype))  # a copy some tied checkpoints keep
+                        continue
                     if name not in expected:
                         raise ValueError(f"{file}: unexpected tensor {name!r} (not part of a "
                                          f"{config.model_type} model as config.json describes it)")
@@ -344,7 +356,11 @@ class Transformer(nn.Module):
         missing = sorted(expected.keys() - state.keys())
         if missing:
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-            raise ValueError(f"{path}: checkpoint is missing tensor(s) {', '.join(missing[:5])}{more}")
+            raise ValueError(f"{path}: checkpoint is missing tensor(s) {', '.join(missing[:5])}{more}; "
+                             "do config.json and the safetensors files belong to the same model?")
+        if stored_head is not None and not torch.equal(stored_head[1], state["model.embed_tokens.weight"]):
+            raise ValueError(f"{stored_head[0]}: lm_head.weight differs from model.embed_tokens.weight but "
+                             f"{path / 'config.json'} says tie_word_embeddings=true; set it to false")
         model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()  # assign=True replaced the embedding parameter; point the head at it again
         return model
