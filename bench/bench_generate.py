@@ -43,29 +43,35 @@ def build_pair(config_kwargs: dict, directory: Path, device: str):
     return hf, ours
 
 
+DEVICE = "cpu"
+
+
 def sync(device: str):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def time_ours(model, prompts, new_tokens, device):
-    sync(device)
-    start = time.perf_counter()
+def timed(run):
+    """(wall seconds, CPU seconds of this process, result of run())."""
+    sync(DEVICE)
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = run()
+    sync(DEVICE)
+    return time.perf_counter() - wall, time.process_time() - cpu, result
+
+
+def run_ours(model, prompts, new_tokens):
     out = generate(model, prompts, max_new_tokens=new_tokens, stop_ids=[], pad_id=0,
                    temperature=0.0)
-    sync(device)
-    return time.perf_counter() - start, out.completion_ids.cpu()
+    return out.completion_ids.cpu()
 
 
-def time_transformers(model, prompts, new_tokens, device):
-    ids = torch.tensor(prompts, device=device)  # equal lengths: no padding needed
-    sync(device)
-    start = time.perf_counter()
+def run_transformers(model, prompts, new_tokens):
+    ids = torch.tensor(prompts, device=DEVICE)  # equal lengths: no padding needed
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    sync(device)
-    return time.perf_counter() - start, out[:, ids.shape[1]:].cpu()
+    return out[:, ids.shape[1]:].cpu()
 
 
 def main():
@@ -75,9 +81,16 @@ def main():
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 24])
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs each")
+    parser.add_argument("--repeats", type=int, default=5, help="best of this many runs (tiny)")
+    parser.add_argument("--repeats-large", type=int, default=2,
+                        help="best of this many runs (Qwen2.5-0.5B shape; each takes minutes)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
           f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} "
@@ -96,34 +109,44 @@ def main():
                                                                     "transformers_version")}
             config["torch_dtype"] = "float32"
         with tempfile.TemporaryDirectory() as directory:
-            hf, ours = build_pair(config, Path(directory), args.device)
+            hf, ours = build_pair(config, Path(directory), DEVICE)
         vocab = config["vocab_size"]
         for batch in args.batch_sizes:
             gen = torch.Generator().manual_seed(batch)
             prompts = torch.randint(1, vocab, (batch, args.prompt_len), generator=gen).tolist()
-            time_ours(ours, [p[:8] for p in prompts], 4, args.device)  # warm-up both
-            time_transformers(hf, [p[:8] for p in prompts], 4, args.device)
-            best_ours = best_hf = float("inf")
-            for _ in range(args.repeats):  # interleaved, so load drift hits both
-                t, ids_ours = time_ours(ours, prompts, args.new_tokens, args.device)
-                best_ours = min(best_ours, t)
-                t, ids_hf = time_transformers(hf, prompts, args.new_tokens, args.device)
-                best_hf = min(best_hf, t)
+            run_ours(ours, [p[:8] for p in prompts], 4)  # warm-up both
+            run_transformers(hf, [p[:8] for p in prompts], 4)
+            times = {"ours": [], "hf": []}  # (wall, cpu) per run
+            outputs = {}
+            repeats = args.repeats if name == "tiny" else args.repeats_large
+            for repeat in range(repeats):  # interleaved, order alternating: drift hits both
+                for which in (("ours", "hf") if repeat % 2 == 0 else ("hf", "ours")):
+                    run = run_ours if which == "ours" else run_transformers
+                    wall, cpu, outputs[which] = timed(
+                        lambda: run(ours if which == "ours" else hf, prompts, args.new_tokens))
+                    times[which].append((wall, cpu))
+            best_ours, best_hf = min(w for w, _ in times["ours"]), min(w for w, _ in times["hf"])
+            cpu_ours, cpu_hf = min(c for _, c in times["ours"]), min(c for _, c in times["hf"])
+            ids_ours, ids_hf = outputs["ours"], outputs["hf"]
             tokens = batch * args.new_tokens
             agree = (ids_ours == ids_hf).float().mean().item()
             rows.append((name, batch, tokens / best_ours, tokens / best_hf, best_hf / best_ours,
-                         agree, os.getloadavg()[0]))
-            print(f"  {name} batch {batch}: ours {best_ours:.2f} s, transformers {best_hf:.2f} s",
-                  flush=True)
+                         cpu_hf / cpu_ours, agree, os.getloadavg()[0]))
+            show = lambda runs: " ".join(f"{w:.2f}/{c:.2f}" for w, c in runs)
+            print(f"  {name} batch {batch} (wall/cpu s): ours {show(times['ours'])}, "
+                  f"transformers {show(times['hf'])}, load "
+                  + " ".join(f"{x:.2f}" for x in os.getloadavg()), flush=True)
         del hf, ours
 
     print(f"\nprompt {args.prompt_len} tokens, {args.new_tokens} new tokens (forced), greedy, "
-          f"best of {args.repeats}")
+          f"best of {args.repeats} (tiny) / {args.repeats_large} (0.5B shape)")
+    print("tok/s from wall time; 'cpu ratio' compares process CPU seconds (less sensitive to "
+          "other jobs on a shared machine)")
     print(f"{'model':<14}{'batch':>6}{'ours tok/s':>12}{'hf tok/s':>10}{'ratio':>8}"
-          f"{'same ids':>10}{'load1':>7}")
-    for name, batch, ours_tps, hf_tps, ratio, agree, load in rows:
+          f"{'cpu ratio':>11}{'same ids':>10}{'load1':>7}")
+    for name, batch, ours_tps, hf_tps, ratio, cpu_ratio, agree, load in rows:
         print(f"{name:<14}{batch:>6}{ours_tps:>12.1f}{hf_tps:>10.1f}{ratio:>7.2f}x"
-              f"{agree:>10.1%}{load:>7.2f}")
+              f"{cpu_ratio:>10.2f}x{agree:>10.1%}{load:>7.2f}")
 
 
 if __name__ == "__main__":

@@ -77,8 +77,8 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def sample_next_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
-                      top_p: float = 1.0,
-                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      top_p: float = 1.0, generator: torch.Generator | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one id per row from logits [B, V]; return (ids [B] long, logprobs [B] float32).
 
     temperature 0 is greedy (argmax; ties go to the lowest id). The log-prob is of the drawn id
@@ -98,7 +98,7 @@ def sample_next_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: 
 
 
 def is_stop(ids: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
-    """[B] bool: which of the just-generated ids [B] are in the stop set (a 1-D long tensor)."""
+    """Bool, shaped like ids: which ids are in the stop set (stop_ids: a 1-D long tensor)."""
     return torch.isin(ids, stop_ids)
 
 
@@ -144,14 +144,16 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: 
     batch, width = prompt_ids.shape
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
 
-    # Real-token mask over prompt + completion columns; completion columns open as we go.
-    attention = torch.zeros(batch, width + max_new_tokens, dtype=torch.long, device=device)
+    # Real-token mask over prompt + completion columns. Completion columns are all real; step t
+    # passes only the columns up to its own, so they can be set to 1 from the start.
+    attention = torch.ones(batch, width + max_new_tokens, dtype=torch.long, device=device)
     attention[:, :width] = torch.arange(width, device=device) >= (width - lengths)[:, None]
     # Left padding shifts each row; positions count real tokens only (pads sit at 0, masked).
-    positions = (torch.arange(width, device=device) - (width - lengths)[:, None]).clamp(min=0)
+    prompt_positions = (torch.arange(width, device=device)
+                        - (width - lengths)[:, None]).clamp(min=0)  # [B, P]
+    new_positions = lengths[:, None] + torch.arange(max_new_tokens, device=device)  # [B, T]
 
     completion_ids = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    completion_mask = torch.zeros(batch, max_new_tokens, dtype=torch.bool, device=device)
     logprobs = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     # "All rows done?" costs a host sync; on CUDA ask every few steps (extra steps are inert).
@@ -161,33 +163,37 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: 
     model.eval()
     try:
         cache = model.new_kv_cache(batch, width + max_new_tokens)
-        hidden = model(prompt_ids, attention_mask=attention[:, :width], position_ids=positions,
-                       kv_cache=cache, return_hidden=True)  # [B, P, H]
-        for step in range(max_new_tokens):
+        hidden = model(prompt_ids, attention_mask=attention[:, :width],
+                       position_ids=prompt_positions, kv_cache=cache,
+                       return_hidden=True)  # [B, P, H]
+        steps = 0
+        while steps < max_new_tokens:
             logits = hidden[:, -1] @ weight.T  # [B, vocab_limit]
             ids, token_logprobs = sample_next_token(logits, temperature=temperature,
                                                     top_k=top_k, top_p=top_p,
                                                     generator=generator)  # [B], [B]
-            live = ~done
-            ids = torch.where(live, ids, pad_id)
-            completion_ids[:, step] = ids
-            completion_mask[:, step] = live
-            logprobs[:, step] = torch.where(live, token_logprobs, 0.0)
-            done = done | (live & is_stop(ids, stop))
-            if step + 1 == max_new_tokens:
+            ids = torch.where(done, pad_id, ids)  # finished rows emit pad (masked out below)
+            completion_ids[:, steps] = ids
+            logprobs[:, steps] = token_logprobs
+            done = done | is_stop(ids, stop)
+            steps += 1
+            if steps == max_new_tokens or (steps % check_every == 0 and bool(done.all())):
                 break
-            if (step + 1) % check_every == 0 and bool(done.all()):
-                break
-            attention[:, width + step] = 1
-            hidden = model(ids[:, None], attention_mask=attention[:, :width + step + 1],
-                           position_ids=(lengths + step)[:, None], kv_cache=cache,
+            hidden = model(ids[:, None], attention_mask=attention[:, :width + steps],
+                           position_ids=new_positions[:, steps - 1:steps], kv_cache=cache,
                            return_hidden=True)  # [B, 1, H]
     finally:
         model.train(was_training)
 
+    # A row's completion runs up to and including its first stop id (pad may itself be a stop
+    # id, which is why this looks for the first one rather than at `done`).
+    stop_hit = is_stop(completion_ids[:, :steps], stop)                  # [B, steps]
+    completion_mask = (stop_hit.cumsum(dim=1) - stop_hit.long()) == 0     # nothing stopped before
     # Trim to the longest completion, so the result does not depend on check_every.
     length = int(completion_mask.sum(dim=1).max())
-    return Generation(completion_ids=completion_ids[:, :length],
-                      completion_mask=completion_mask[:, :length],
-                      finished=done,
-                      logprobs=logprobs[:, :length])
+    completion_mask = completion_mask[:, :length]
+    completion_ids = completion_ids[:, :length].masked_fill(~completion_mask, pad_id)
+    return Generation(completion_ids=completion_ids,
+                      completion_mask=completion_mask,
+                      finished=stop_hit.any(dim=1),
+                      logprobs=logprobs[:, :length].masked_fill(~completion_mask, 0.0))

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from meml.sampler import (generate, is_stop, sample_next_token, scale_by_temperature, top_k_filter,
-                          top_p_filter)
+from meml.sampler import (generate, is_stop, sample_next_token, scale_by_temperature,
+                          top_k_filter, top_p_filter)
 
 # ---------------------------------------------------------------------------------------------
 # Sampling primitives on fixed logits
@@ -237,11 +237,13 @@ def test_never_samples_ids_beyond_vocab_limit(checkpoint):
     assert (greedy.completion_ids < limit).all()
 
 
-def test_stops_at_any_stop_id_and_keeps_finished_rows_inert(checkpoint):
+@pytest.mark.parametrize("pad_is_a_stop_id", [False, True])
+def test_stops_at_any_stop_id_and_keeps_finished_rows_inert(checkpoint, pad_is_a_stop_id):
     _, model, _ = checkpoint
-    pad = VOCAB - 1
-    free = generate(model, PROMPTS, max_new_tokens=12, stop_ids=[], pad_id=pad, temperature=0.0)
+    free = generate(model, PROMPTS, max_new_tokens=12, stop_ids=[], pad_id=0, temperature=0.0)
     stops = {row(free, 0)[3], row(free, 1)[5]}  # a union of two stop ids
+    # Qwen's pad token is also one of its EOS ids: finished rows then emit a stop id as pad
+    pad = min(stops) if pad_is_a_stop_id else VOCAB - 1
     out = generate(model, PROMPTS, max_new_tokens=12, stop_ids=sorted(stops), pad_id=pad,
                    temperature=0.0)
     for r in range(len(PROMPTS)):
@@ -290,3 +292,13 @@ def test_restores_training_mode(checkpoint):
     generate(model, [[1, 2]], max_new_tokens=2, stop_ids=[], pad_id=0, temperature=0.0)
     assert model.training
     model.eval()
+
+
+def test_edge_cases_and_user_errors(checkpoint):
+    _, model, _ = checkpoint
+    none = generate(model, PROMPTS, max_new_tokens=0, stop_ids=[3], pad_id=0)
+    assert none.completion_ids.shape == (len(PROMPTS), 0) and not none.finished.any()
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(model, [[1], []], max_new_tokens=2, stop_ids=[], pad_id=0)
+    with pytest.raises(ValueError, match="vocab_limit"):
+        generate(model, [[1]], max_new_tokens=2, stop_ids=[], pad_id=0, vocab_limit=VOCAB + 1)
