@@ -296,8 +296,9 @@ CHAT_TEMPLATE = (
 # space before a number stays with its first digit (" 12" -> " 1", "2"): shorter sequences on CPU.
 SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+| ?\p{N}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# Decoder sizes, picked so the default run (MEF + RIEL + evaluation) fits a 2-core CPU.
-MODEL_SIZES = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+# Decoder sizes (0.38M parameters), picked so the default run (MEF + RIEL + evaluation) fits a
+# 2-core CPU; measurements in reference_runs/LOG.md (2026-11-22, synthetic world feasibility).
+MODEL_SIZES = dict(hidden_size=96, intermediate_size=288, num_hidden_layers=3,
                    num_attention_heads=4, num_key_value_heads=2)
 
 
