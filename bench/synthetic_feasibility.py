@@ -46,7 +46,7 @@ def main():
     ap.add_argument("--n-sample", type=int, default=20, help="questions per level for the rollout test")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train-mix", default="1:1,2:1,3:1", help="difficulty level:weight of the train split")
-    ap.add_argument("--eval-every", type=int, default=0, help="greedy accuracy on 20 eval questions per level every N steps")
+    ap.add_argument("--eval-every", type=int, default=0, help="greedy accuracy on 20 eval questions per level every N steps (a multiple of 50)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -103,7 +103,6 @@ def main():
         return " | ".join(f"e{i} " + " ".join(f"{acc[(i, lv)]:.2f}" for lv in (1, 2, 3)) for i in range(3))
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    est_steps = args.max_steps
     t0, c0, step, tokens = time.time(), time.process_time(), 0, 0
     model.train()
     while step < args.max_steps and time.time() - t0 < args.seconds:
@@ -130,7 +129,8 @@ def main():
         tokens += int(mask.sum())
         if step % 50 == 0:
             el = time.time() - t0
-            cpu = (time.process_time() - c0) / args.threads  # ~ wall time on an idle machine
+            # ~ wall time on an idle machine; both clocks include the --eval-every evaluations (~2 s each)
+            cpu = (time.process_time() - c0) / args.threads
             if args.eval_every and step % args.eval_every == 0:
                 print(f"  step {step} greedy acc d1 d2 d3 per expert (20/level): {greedy_table(20)}", flush=True)
             print(f"step {step} loss {loss.item():.3f} lr {lr:.2e} {step/el:.2f} steps/s wall, "

@@ -30,6 +30,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
 from meml.data import Example, ExpertAnswer
 
 
@@ -312,13 +314,12 @@ def world_text(seed: int = 0, n: int = 600) -> list[str]:
     return texts
 
 
-def build_tokenizer(vocab_size: int = 512, seed: int = 0):
+def build_tokenizer(vocab_size: int = 512, seed: int = 0) -> Tokenizer:
     """A byte-level BPE trained on the world's text, ChatML special tokens appended after it.
 
     Byte-level, so any text round-trips exactly; the special tokens get the last ids, as in
     Qwen2.5, and are never split or merged.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
