@@ -18,9 +18,10 @@ runs the whole method on a world this module builds from a seed:
   token, as Qwen2.5 does), with a plain ChatML template that has a real system role and NO
   default system prompt, and a tiny Qwen2 config: the synthetic and real paths share all code.
 
-Train and eval are disjoint by construction: a hash of a problem's arithmetic (start and steps,
-names and objects ignored) decides which split may hold it, so no eval question's arithmetic is
-ever seen in training, whatever the split sizes.
+Train and eval are disjoint by construction: a hash of the whole problem decides which split
+may hold it, so no eval question is ever seen in training, whatever the split sizes. The hash
+covers names and objects too: keying it on the arithmetic alone was tried and made difficulty 1
+(about 120 distinct one-step calculations) a test of facts never trained on (reference_runs/LOG.md).
 """
 import hashlib
 import json
@@ -28,6 +29,8 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from meml.data import Example, ExpertAnswer
 
@@ -67,7 +70,7 @@ DIFFICULTIES = {
     3: Difficulty(steps=3, max_operand=30, kinds=("add", "sub", "groups", "mul")),
 }
 MAX_VALUE = 999          # every intermediate amount stays in [0, MAX_VALUE]
-EVAL_EVERY = 5           # one arithmetic structure in EVAL_EVERY belongs to the eval split
+EVAL_EVERY = 5           # one problem in EVAL_EVERY (by hash) belongs to the eval split
 
 NAMES = [("Mia", "She", "her"), ("Leo", "He", "his"), ("Ava", "She", "her"), ("Sam", "He", "his"),
          ("Zoe", "She", "her"), ("Max", "He", "his"), ("Ivy", "She", "her"), ("Tom", "He", "his")]
@@ -116,9 +119,9 @@ class Problem:
                        solution=solve_steps(self))
 
 
-def _structure_key(start: int, steps: tuple[Step, ...]) -> int:
-    """Stable hash of a problem's arithmetic (names and objects left out)."""
-    text = repr((start, [(s.kind, s.a, s.b) for s in steps]))
+def _split_key(name: int, item: int, start: int, steps: tuple[Step, ...]) -> int:
+    """Stable hash of everything a question says (not Python's hash(), which is salted)."""
+    text = repr((name, item, start, [(s.kind, s.a, s.b) for s in steps]))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
@@ -166,8 +169,7 @@ def generate_problems(n: int, split: str, seed: int = 0, mix: dict[int, float] |
     """`n` problems of `split` ("train" or "eval"); same (n, split, seed, mix) -> same problems.
 
     Difficulty levels come in the exact proportions of `mix` (level -> weight). A problem is
-    kept only if the hash of its arithmetic routes it to `split`, so the splits never share
-    an arithmetic structure.
+    kept only if its hash routes it to `split`, so the splits never share a question.
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
@@ -180,12 +182,12 @@ def generate_problems(n: int, split: str, seed: int = 0, mix: dict[int, float] |
     for k, level in enumerate(_levels(n, mix, rng)):
         while True:
             start, steps = _draw(rng, level)
-            in_eval = _structure_key(start, steps) % EVAL_EVERY == 0
+            name, item = rng.randrange(len(NAMES)), rng.randrange(len(ITEMS))
+            in_eval = _split_key(name, item, start, steps) % EVAL_EVERY == 0
             if in_eval == (split == "eval"):
                 break
         problems.append(Problem(id=f"syn-{split}-d{level}-{k:05d}", difficulty=level,
-                                name=rng.randrange(len(NAMES)), item=rng.randrange(len(ITEMS)),
-                                start=start, steps=steps))
+                                name=name, item=item, start=start, steps=steps))
     return problems
 
 
@@ -296,8 +298,9 @@ CHAT_TEMPLATE = (
 # space before a number stays with its first digit (" 12" -> " 1", "2"): shorter sequences on CPU.
 SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+| ?\p{N}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# Decoder sizes, picked so the default run (MEF + RIEL + evaluation) fits a 2-core CPU.
-MODEL_SIZES = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+# Decoder sizes (0.38M parameters), picked so the default run (MEF + RIEL + evaluation) fits a
+# 2-core CPU; measurements in reference_runs/LOG.md (2026-11-22, synthetic world feasibility).
+MODEL_SIZES = dict(hidden_size=96, intermediate_size=288, num_hidden_layers=3,
                    num_attention_heads=4, num_key_value_heads=2)
 
 
@@ -311,13 +314,12 @@ def world_text(seed: int = 0, n: int = 600) -> list[str]:
     return texts
 
 
-def build_tokenizer(vocab_size: int = 512, seed: int = 0):
+def build_tokenizer(vocab_size: int = 512, seed: int = 0) -> Tokenizer:
     """A byte-level BPE trained on the world's text, ChatML special tokens appended after it.
 
     Byte-level, so any text round-trips exactly; the special tokens get the last ids, as in
     Qwen2.5, and are never split or merged.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
