@@ -58,6 +58,7 @@ def parse_args(argv=None):
     g.add_argument("--mef-lr", type=float, help="learning rate (paper: 1e-5)")
     g.add_argument("--mef-epochs", type=float, help="epochs over the expert data (paper: 1)")
     g.add_argument("--mef-steps", type=int, help="number of steps (overrides --mef-epochs)")
+    g.add_argument("--mef-schedule", choices=["constant", "cosine"], help="learning-rate decay after warm-up")
     g.add_argument("--mef-batch-size", type=int, help="(question, expert) answers per step")
     g = p.add_argument_group("stage 2, RIEL (E2-E7)")
     g.add_argument("--riel-lr", type=float, help="learning rate (paper: 1e-6)")
@@ -85,6 +86,7 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, help="seed for data order, sampling and the buffer")
     g.add_argument("--save-every", type=int, help="checkpoint every N steps")
     g.add_argument("--sample-every", type=int, help="log a completion every N RIEL steps")
+    g.add_argument("--threads", type=int, help="torch CPU threads (synthetic default: 1)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the model lives (default: cuda when available)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -93,7 +95,8 @@ def parse_args(argv=None):
 
 
 def overrides_from(args) -> dict:
-    names = {"expert": "expert", "mef_lr": "mef_lr", "mef_epochs": "mef_epochs", "mef_batch_size": "mef_batch_size",
+    names = {"expert": "expert", "mef_lr": "mef_lr", "mef_epochs": "mef_epochs", "mef_steps": "mef_steps",
+             "mef_schedule": "mef_schedule", "riel_steps": "riel_steps", "threads": "threads", "mef_batch_size": "mef_batch_size",
              "riel_lr": "riel_lr", "riel_epochs": "riel_epochs", "eval_size": "eval_size", "pass_k": "pass_k",
              "eval_max_new_tokens": "eval_max_new_tokens",
              "seed": "seed", "save_every": "save_every", "sample_every": "sample_every",
@@ -222,6 +225,8 @@ def main(argv=None) -> int:
     except ValueError as err:
         sys.exit(f"train.py: {err}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     run_dir = args.resume if args.resume else args.output
     resume_from = None
     if args.resume:
@@ -242,11 +247,11 @@ def main(argv=None) -> int:
         if cfg.run_mef:
             experts = [cfg.expert] if cfg.single_expert else list(range(len(prompts)))
             items, dropped = mef_items(tok, train, answers, prompts, dataset, experts)
-            mef_steps = args.mef_steps if args.mef_steps is not None else math.ceil(len(items) * cfg.mef_epochs / cfg.mef_batch_size)
+            mef_steps = cfg.mef_steps if cfg.mef_steps is not None else math.ceil(len(items) * cfg.mef_epochs / cfg.mef_batch_size)
             if stage_of_resume != "riel":
                 print(f"MEF: {len(items)} answers from experts {experts} (dropped as wrong: {dropped}), {mef_steps} steps")
                 stage = Stage("mef", mef_steps, cfg.mef_lr, cfg.save_every, cfg.grad_clip, cfg.weight_decay,
-                              cfg.warmup_steps)
+                              cfg.warmup_steps, cfg.mef_schedule)
                 optimizer = make_optimizer(model, stage)
                 start = restore(state, stage, optimizer) if stage_of_resume == "mef" else 0
 
@@ -264,7 +269,7 @@ def main(argv=None) -> int:
                                     else evaluate(model, tok, evals, prompts, dataset, cfg))
         # ---- Stage 2: RIEL (E2-E7) ----
         if cfg.run_riel:
-            riel_steps = args.riel_steps if args.riel_steps is not None else math.ceil(len(train) * cfg.riel_epochs / cfg.riel.questions_per_step)
+            riel_steps = cfg.riel_steps if cfg.riel_steps is not None else math.ceil(len(train) * cfg.riel_epochs / cfg.riel.questions_per_step)
             print(f"RIEL ({cfg.preset}): {riel_steps} steps x {cfg.riel.questions_per_step} questions x "
                   f"{len(prompts)} experts x G={cfg.riel.group_size}")
             generator = torch.Generator(device=device).manual_seed(cfg.seed)

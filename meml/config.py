@@ -32,13 +32,17 @@ class TrainConfig:
     run_riel: bool = True
     single_expert: bool = False       # ExpertX presets
     seed: int = 0
+    threads: int | None = None        # torch CPU threads (None: torch's default)
     # Stage 1, MEF (E1)
     mef_lr: float = 1e-5
     mef_epochs: float = 1.0
     mef_batch_size: int = 16
+    mef_steps: int | None = None      # overrides mef_epochs
+    mef_schedule: str = "constant"    # "constant" | "cosine"
     # Stage 2, RIEL (E2-E7)
     riel_lr: float = 1e-6
     riel_epochs: float = 1.0
+    riel_steps: int | None = None     # overrides riel_epochs
     riel: RielConfig = field(default_factory=RielConfig)
     # optimisation
     grad_clip: float = 1.0
@@ -73,11 +77,14 @@ PRESETS: dict[str, dict] = {
     "meml-no-mef": {"run_mef": False},
 }
 
+# Measured in reference_runs/LOG.md ("synthetic world"): a 0.38M model learns 1-step problems
+# in ~2400 MEF steps of 16 at lr 3e-3 with cosine decay, while 3-step ones stay mostly wrong, so
+# RIEL meets real reward sparsity. One thread: two threads on two busy cores stall for seconds.
 SYNTHETIC_SETTINGS = {
-    "mef_lr": 3e-3, "mef_epochs": 1.0, "mef_batch_size": 32, "warmup_steps": 10,
-    "riel_lr": 1e-4, "riel_epochs": 1.0, "eval_size": 300, "eval_max_new_tokens": 96,
+    "threads": 1, "mef_lr": 3e-3, "mef_batch_size": 16, "mef_steps": 2400, "mef_schedule": "cosine",
+    "warmup_steps": 30, "riel_lr": 1e-4, "riel_steps": 200, "eval_size": 300, "eval_max_new_tokens": 96,
     "riel.questions_per_step": 8, "riel.group_size": 8, "riel.max_new_tokens": 96,
-    "riel.buffer_capacity": 16, "riel.micro_batch_size": 256, "save_every": 25,
+    "riel.buffer_capacity": 16, "riel.micro_batch_size": 256, "save_every": 200, "sample_every": 25,
 }
 
 
@@ -113,6 +120,8 @@ def make_config(preset: str, synthetic: bool, overrides: dict) -> TrainConfig:
 def validate(cfg: TrainConfig) -> None:
     """Settings that cannot work together, named by their command-line options."""
     r = cfg.riel
+    if cfg.mef_schedule not in ("constant", "cosine"):
+        raise ValueError(f"--mef-schedule {cfg.mef_schedule!r}: expected 'constant' or 'cosine'")
     if not 0 <= r.buffer_k <= r.group_size:
         raise ValueError(f"--buffer-k {r.buffer_k} must be between 0 and --group-size {r.group_size} "
                          f"(a group with more than K of its G rollouts wrong enters the buffer)")

@@ -115,6 +115,22 @@ def merge_chunk_stats(chunk_lse, chunk_entropy=None):
     return lse, (log_share.exp() * (chunk_entropy - log_share)).sum(0)
 
 
+def finish_forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk_lse, chunk_entropy,
+                   target_logit):
+    """The end of both chunked forwards (here and in logprob_triton.py): merge the per-block
+    statistics, form log p = z_target - logsumexp, zero ignored rows, save what backward needs."""
+    lse, entropy = merge_chunk_stats(chunk_lse, chunk_entropy)
+    real = targets >= 0
+    logp = torch.where(real, target_logit - lse, 0.0)
+    entropy = torch.where(real, entropy, 0.0) if with_entropy else torch.zeros_like(logp)
+    ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+    ctx.temperature = temperature
+    if not with_entropy:
+        ctx.mark_non_differentiable(entropy)
+    ctx.set_materialize_grads(False)     # an unused output's gradient arrives as None
+    return logp, entropy
+
+
 class ChunkedTokenLogprobs(torch.autograd.Function):
     """Chunk-over-vocabulary log-probs and entropy; logits are recomputed in the backward.
 
@@ -153,16 +169,8 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
                 # e_v (z_v - max) = xlogy(e_v, e_v): no need to keep z.
                 chunk_entropy[c] = mass.log() - torch.special.xlogy(e, e).sum(1) / mass
             del z, e
-        lse, entropy = merge_chunk_stats(chunk_lse, chunk_entropy)
-        real = targets >= 0
-        logp = torch.where(real, target_logit - lse, 0.0)
-        entropy = torch.where(real, entropy, 0.0) if with_entropy else torch.zeros_like(logp)
-        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
-        ctx.temperature = temperature
-        if not with_entropy:
-            ctx.mark_non_differentiable(entropy)
-        ctx.set_materialize_grads(False)     # an unused output's gradient arrives as None
-        return logp, entropy
+        return finish_forward(ctx, hidden, weight, targets, temperature, with_entropy,
+                              chunk_lse, chunk_entropy, target_logit)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):

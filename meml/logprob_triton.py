@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from meml.logprob import merge_chunk_stats, vocab_chunks
+from meml.logprob import finish_forward, vocab_chunks
 
 BLOCK_V = 1024   # column tile of one program; the interpreter is fastest with wide tiles too
 
@@ -92,16 +92,8 @@ class TritonTokenLogprobs(torch.autograd.Function):
                                            chunk_lse[c], chunk_entropy[c], target_logit,
                                            BLOCK_V=BLOCK_V)
             del logits
-        lse, entropy = merge_chunk_stats(chunk_lse, chunk_entropy)
-        real = targets >= 0
-        logp = torch.where(real, target_logit - lse, 0.0)
-        entropy = torch.where(real, entropy, 0.0) if with_entropy else torch.zeros_like(logp)
-        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
-        ctx.temperature = temperature
-        if not with_entropy:
-            ctx.mark_non_differentiable(entropy)
-        ctx.set_materialize_grads(False)     # an unused output's gradient arrives as None
-        return logp, entropy
+        return finish_forward(ctx, hidden, weight, targets, temperature, with_entropy,
+                              chunk_lse, chunk_entropy, target_logit)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):

@@ -40,6 +40,7 @@ class Stage:
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    schedule: str = "constant"   # after warm-up: "constant" or "cosine" (to 10% of lr)
     step_offset: int = 0         # steps of earlier stages: checkpoints are numbered globally
     hidden_losses: tuple = ()    # loss parts switched off in this run: kept out of the progress line
     generators: dict[str, torch.Generator] = field(default_factory=dict)  # saved and restored
@@ -48,14 +49,16 @@ class Stage:
 
 def make_optimizer(model, stage: Stage) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.99))
+    return torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.95))
 
 
 def lr_at(step: int, stage: Stage) -> float:
-    """Linear warm-up, then constant (the paper gives no schedule)."""
-    if stage.warmup_steps and step < stage.warmup_steps:
-        return stage.lr * (step + 1) / stage.warmup_steps
-    return stage.lr
+    """Linear warm-up, then constant or cosine decay to 10% (the paper gives no schedule)."""
+    warmup = min(1.0, (step + 1) / stage.warmup_steps) if stage.warmup_steps else 1.0
+    if stage.schedule == "constant":
+        return stage.lr * warmup
+    progress = step / max(1, stage.total_steps - 1)
+    return stage.lr * warmup * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def trainer_state(stage: Stage, step: int, optimizer, carry: dict) -> dict:
