@@ -147,15 +147,18 @@ def build_world(args, cfg, run_dir: Path, device, dtype):
     tokenizer = Tokenizer.from_pretrained(model_dir)
     tokenizer.fit_to_model(model.config.vocab_size, source=str(model_dir))
     for n, teacher_dir in enumerate(args.teacher, start=1):
+        path = run_dir / f"expert{n}.jsonl"
+        if path.exists():  # written by an earlier start of this run (e.g. before a --resume)
+            answers += data.load_expert_jsonl(path)
+            continue
         teacher = Transformer.from_pretrained(teacher_dir, dtype=dtype, device=device)
         teacher_tokenizer = Tokenizer.from_pretrained(teacher_dir)
         teacher_tokenizer.fit_to_model(teacher.config.vocab_size, source=str(teacher_dir))
         generated = generate_expert_data(teacher, teacher_tokenizer, train, prompts[n], n,
                                          dataset, generator=torch.Generator(device=device).manual_seed(cfg.seed))
-        data.write_expert_jsonl(run_dir / f"expert{n}.jsonl", generated)
-        print(f"teacher {teacher_dir}: {len(generated)}/{len(train)} verified answers -> {run_dir}/expert{n}.jsonl")
+        data.write_expert_jsonl(path, generated)
+        print(f"teacher {teacher_dir}: {len(generated)}/{len(train)} verified answers -> {path}")
         answers += generated
-        del teacher
     if cfg.single_expert:
         prompts = [prompts[cfg.expert]]
     return model_dir, model, tokenizer, train, evals[:cfg.eval_size], answers, prompts, dataset

@@ -1,0 +1,56 @@
+"""Stage 1: which (question, expert, answer) triples MEF trains on, and teacher data generation."""
+import torch
+
+from meml import synthetic
+from meml.data import Example, ExpertAnswer
+from meml.mef import generate_expert_data, mef_items, sft_loss
+from meml.model import ModelConfig, Transformer
+from meml.prompts import expert_prompt, response_ids
+from meml.rewards import reward
+from meml.tokenizer import Tokenizer
+
+EXAMPLES = [Example("a", "Mia has 7 pens and gives away 3. How many now?", "4", "7-3=4\n#### 4"),
+            Example("b", "Leo has 2 cards and finds 6. How many now?", "8", "2+6=8\n#### 8")]
+PROMPTS = ["Step by step.", "One expression.", "Ledger."]
+
+
+def tiny(tmp_path):
+    folder = synthetic.write_synthetic_assets(tmp_path / "assets")
+    tok = Tokenizer.from_pretrained(folder)
+    config = ModelConfig.from_json(folder / "config.json")
+    torch.manual_seed(0)
+    model = Transformer(config)
+    model.init_weights()
+    return model, tok
+
+
+def test_mef_items_drop_wrong_teacher_answers_and_map_experts_to_prompts(tmp_path):
+    _, tok = tiny(tmp_path)
+    answers = [ExpertAnswer("a", 0, "7-3=4\n#### 4"), ExpertAnswer("a", 1, "The answer is 5."),  # wrong
+               ExpertAnswer("b", 1, "The answer is 8."), ExpertAnswer("b", 2, "\\boxed{8}")]
+    items, dropped = mef_items(tok, EXAMPLES, answers, PROMPTS, "synthetic", experts=[0, 1, 2])
+    assert dropped == {0: 0, 1: 1, 2: 0} and len(items) == 3
+    assert items[1].prompt == expert_prompt(tok, PROMPTS[1], "synthetic", EXAMPLES[1])
+    assert items[1].completion == response_ids(tok, "The answer is 8.")
+    assert items[1].completion[-1] == tok.eot_id
+    # ExpertX-SFT: only expert 2's answers, trained under the one prompt given (index 0).
+    items, dropped = mef_items(tok, EXAMPLES, answers, ["Ledger."], "synthetic", experts=[2])
+    assert [it.expert for it in items] == [0] and items[0].prompt == expert_prompt(tok, "Ledger.", "synthetic", EXAMPLES[1])
+
+
+def test_teacher_data_keeps_only_verified_answers(tmp_path):
+    """A teacher that learned one answer by heart ("7-3=4 #### 4") says it to every question:
+    right for question a, wrong for b, so only a's answer may be kept."""
+    teacher, tok = tiny(tmp_path)
+    item, _ = mef_items(tok, EXAMPLES[:1], [ExpertAnswer("a", 1, "7-3=4\n#### 4")], [PROMPTS[1]], "synthetic", [1])
+    optimizer = torch.optim.AdamW(teacher.parameters(), lr=1e-2)
+    for _ in range(60):
+        optimizer.zero_grad()
+        sft_loss(teacher, tok, item * 4, micro_batch_size=4)
+        optimizer.step()
+    kept = generate_expert_data(teacher, tok, EXAMPLES, PROMPTS[1], expert=1, dataset="synthetic",
+                                samples_per_question=2, max_new_tokens=16, temperature=0.2,
+                                generator=torch.Generator().manual_seed(0))
+    assert [(a.id, a.expert) for a in kept] == [("a", 1)]
+    assert reward("synthetic", kept[0].response, EXAMPLES[0]) == 1.0
+    assert "#### 4" in kept[0].response
