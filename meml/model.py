@@ -216,10 +216,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.append(layer, k, v)  # [B, kv, S, d], S = past + T
-        # GQA: each group of n_heads / n_kv_heads query heads shares one key/value head
-        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # [B, h, S, d]
-        v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        # GQA: each group of n_heads / n_kv_heads consecutive query heads shares one key/value
+        # head. enable_gqa reads the shared head in place (the same result as repeat_interleave
+        # on dim 1, without copying the whole cache every step).
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=True)  # [B, h, T, d]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
