@@ -216,10 +216,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.append(layer, k, v)  # [B, kv, S, d], S = past + T
-        # GQA: each group of n_heads / n_kv_heads query heads shares one key/value head
-        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # [B, h, S, d]
-        v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        # GQA: each group of n_heads / n_kv_heads consecutive query heads shares one key/value
+        # head. enable_gqa reads the shared head in place (the same result as repeat_interleave
+        # on dim 1, without copying the whole cache every step).
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=True)  # [B, h, T, d]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -272,8 +273,9 @@ class Transformer(nn.Module):
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps)))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
-        # a plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies
+        # plain attributes, not buffers: model.to(bfloat16) must not round the frequencies
         self.inv_freq = rope_inv_freq(config)  # [head_dim/2] fp32, CPU
+        self.rope_cos = self.rope_sin = None   # [positions, head_dim] fp32, built by rope_tables
 
     def tie_weights(self):
         if self.config.tie_word_embeddings:
@@ -296,6 +298,22 @@ class Transformer(nn.Module):
     def output_weight(self) -> torch.Tensor:
         """[V, H]: logits = hidden @ output_weight.T (the embedding itself when tied)."""
         return self.lm_head.weight
+
+    def rope_tables(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of every position's angles, [L, head_dim] fp32, L >= length.
+
+        Built once per device for max(max_position_embeddings, length) positions and only rebuilt
+        when a longer one is needed, so a decode step looks its rows up instead of recomputing
+        them. (Sized to max_position_embeddings, not to `length`, because a caller may pass
+        position_ids larger than the number of slots.)
+        """
+        if self.rope_cos is None or self.rope_cos.device != torch.device(device) \
+                or self.rope_cos.shape[0] < length:
+            positions = torch.arange(max(self.config.max_position_embeddings, length), device=device)
+            freqs = positions[:, None].float() * self.inv_freq.to(device)  # [L, d/2]
+            angles = torch.cat((freqs, freqs), dim=-1)                     # [L, d]
+            self.rope_cos, self.rope_sin = angles.cos(), angles.sin()
+        return self.rope_cos, self.rope_sin
 
     def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
         w = self.model.embed_tokens.weight
@@ -324,9 +342,8 @@ class Transformer(nn.Module):
             else:  # a row's position counts its real tokens only, so left padding does not shift it
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
 
-        freqs = position_ids[..., None].float() * self.inv_freq.to(input_ids.device)  # [B, T, d/2]
-        angles = torch.cat((freqs, freqs), dim=-1)                                    # [B, T, d]
-        cos, sin = angles.cos(), angles.sin()
+        cos_table, sin_table = self.rope_tables(past + T, input_ids.device)
+        cos, sin = cos_table[position_ids], sin_table[position_ids]  # [B, T, d] fp32
         # no mask and no cache: plain causal attention, which lets SDPA pick its fastest kernel
         mask = None if attention_mask is None else attention_mask_4d(attention_mask, past, T)
 

@@ -22,6 +22,7 @@ token (rows that finished emit pad and are masked out, so the extra steps change
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -76,6 +77,34 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def draw_from(probs: torch.Tensor, generator: torch.Generator | None = None,
+              block: int = 1024) -> torch.Tensor:
+    """One id per row of probs [B, V] (rows sum to > 0), by inverse-CDF sampling: ids [B] long.
+
+    Draw u ~ U(0, total mass] and return the first id whose cumulative mass reaches u, so id i
+    comes out with probability p_i / total (ids with p_i = 0 never do). The cumulative sums are
+    float64, so the distribution is exact up to float64 rounding. The search runs in two steps,
+    first over blocks of `block` ids, then inside the chosen block, because one float64 cumsum
+    over all 151,665 ids of Qwen's vocabulary is slow on CPU. `torch.multinomial(probs, 1)` gives
+    the same distribution but draws one exponential per vocabulary id (~20 ms per 8 rows there,
+    vs < 1 ms here).
+    """
+    B, V = probs.shape
+    n_blocks = -(-V // block)
+    blocks = F.pad(probs, (0, n_blocks * block - V)).view(B, n_blocks, block)  # zero-padded ids
+    block_cdf = blocks.sum(-1, dtype=torch.float64).cumsum(-1)                 # [B, n_blocks]
+    total = block_cdf[:, -1:]                                                   # [B, 1]
+    # 1 - U[0, 1) lies in (0, 1]: u > 0, so the first id whose cumsum reaches u has p > 0
+    u = (1 - torch.rand(B, 1, dtype=torch.float64, device=probs.device, generator=generator)) * total
+    chosen = torch.searchsorted(block_cdf, u).clamp(max=n_blocks - 1)         # [B, 1]
+    mass_before = torch.where(chosen > 0, block_cdf.gather(-1, (chosen - 1).clamp(min=0)), 0.0)
+    in_block = blocks.gather(1, chosen[:, :, None].expand(B, 1, block)).squeeze(1)  # [B, block]
+    in_block_cdf = in_block.cumsum(-1, dtype=torch.float64)                    # [B, block]
+    # the block's two sums may differ in the last bit: keep u inside the block's own cumsum
+    rest = torch.minimum(u - mass_before, in_block_cdf[:, -1:])
+    return (chosen * block + torch.searchsorted(in_block_cdf, rest)).squeeze(-1)
+
+
 def sample_next_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
                       top_p: float = 1.0, generator: torch.Generator | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +121,7 @@ def sample_next_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: 
         scaled = scale_by_temperature(logits, temperature)  # [B, V] float32
         filtered = top_p_filter(top_k_filter(scaled, top_k), top_p)
         probs = torch.softmax(filtered, dim=-1)
-        ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
+        ids = draw_from(probs, generator)  # [B]
     logprobs = torch.log_softmax(scaled, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     return ids, logprobs
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from meml.sampler import (generate, is_stop, sample_next_token, scale_by_temperature,
+from meml.sampler import (draw_from, generate, is_stop, sample_next_token, scale_by_temperature,
                           top_k_filter, top_p_filter)
 
 # ---------------------------------------------------------------------------------------------
@@ -80,6 +80,18 @@ def test_sampling_follows_softmax_at_temperature():
     assert torch.allclose(freq, expected, atol=0.01)
     # reported log-prob of each draw is log softmax(logits / T) at that id
     assert torch.allclose(logprobs, expected.log()[ids])
+
+
+def test_draw_from_follows_probs_across_blocks_and_never_draws_zero_mass_ids():
+    # blocks of 4 ids, the last one partial (14 ids); whole blocks and single ids have mass 0
+    probs = torch.tensor([0.1, 0.0, 0.05, 0.05, 0.0, 0.0, 0.0, 0.0, 0.3, 0.0, 0.2, 0.1, 0.0, 0.2])
+    rows = torch.stack([probs, 3 * probs])  # the second row is not normalised: same distribution
+    ids = draw_from(rows.repeat(20000, 1), torch.Generator().manual_seed(0), block=4)
+    freq = torch.bincount(ids, minlength=14).float() / ids.numel()
+    assert torch.allclose(freq, probs, atol=0.01)
+    assert (probs[ids] > 0).all()
+    one_hot = torch.zeros(3, 14).index_fill(1, torch.tensor([13]), 1.0)  # only the last, padded block
+    assert draw_from(one_hot, block=4).tolist() == [13, 13, 13]
 
 
 def test_logprobs_ignore_top_k_and_top_p_renormalisation():
