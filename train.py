@@ -14,7 +14,6 @@ On a real checkpoint and data set (Qwen2.5 or Llama 3.x in Hugging Face layout):
 `--resume RUN_DIR` continues a run from its newest checkpoint exactly where it stopped.
 """
 import argparse
-import copy
 import json
 import math
 import sys

@@ -43,11 +43,16 @@ def test_teacher_data_keeps_only_verified_answers(tmp_path):
     right for question a, wrong for b, so only a's answer may be kept."""
     teacher, tok = tiny(tmp_path)
     item, _ = mef_items(tok, EXAMPLES[:1], [ExpertAnswer("a", 1, "7-3=4\n#### 4")], [PROMPTS[1]], "synthetic", [1])
-    optimizer = torch.optim.AdamW(teacher.parameters(), lr=1e-2)
-    for _ in range(60):
+    optimizer = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
+    # Train until the answer is learned by heart, not for a fixed number of steps: the path of a
+    # fixed-step run changes with last-bit differences between attention kernels.
+    for _ in range(400):
         optimizer.zero_grad()
-        sft_loss(teacher, tok, item * 4, micro_batch_size=4)
+        loss, _ = sft_loss(teacher, tok, item * 4, micro_batch_size=4)
         optimizer.step()
+        if loss < 0.01:
+            break
+    assert loss < 0.01
     kept = generate_expert_data(teacher, tok, EXAMPLES, PROMPTS[1], expert=1, dataset="synthetic",
                                 samples_per_question=2, max_new_tokens=16, temperature=0.2,
                                 generator=torch.Generator().manual_seed(0))

@@ -6,7 +6,6 @@ accuracy.
 """
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
