@@ -153,8 +153,9 @@ def build_world(args, cfg, run_dir: Path, device, dtype):
         teacher = Transformer.from_pretrained(teacher_dir, dtype=dtype, device=device)
         teacher_tokenizer = Tokenizer.from_pretrained(teacher_dir)
         teacher_tokenizer.fit_to_model(teacher.config.vocab_size, source=str(teacher_dir))
-        generated = generate_expert_data(teacher, teacher_tokenizer, train, prompts[n], n,
-                                         dataset, generator=torch.Generator(device=device).manual_seed(cfg.seed))
+        generated = generate_expert_data(teacher, teacher_tokenizer, train, prompts[n], n, dataset,
+                                         max_new_tokens=cfg.riel.max_new_tokens,
+                                         generator=torch.Generator(device=device).manual_seed(cfg.seed))
         data.write_expert_jsonl(path, generated)
         print(f"teacher {teacher_dir}: {len(generated)}/{len(train)} verified answers -> {path}")
         answers += generated
