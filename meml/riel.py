@@ -75,7 +75,7 @@ class Rollouts:
     old_logprobs: list[torch.Tensor]   # π_old per completion token, from the sampler
     finished: list[bool]
     texts: list[str]
-    rewards: torch.Tensor              # [Q, N, G]
+    rewards: torch.Tensor | None = None  # [Q, N, G], filled in by score_rollouts
 
 
 @dataclass
@@ -88,7 +88,7 @@ class World:
 
 
 def sample_rollouts(model, world: World, examples, cfg: RielConfig, generator) -> Rollouts:
-    """Stage 2a and 2b: N x G completions per question, each scored by the verifier."""
+    """Stage 2a: N x G completions per question, each expert under its own system prompt."""
     tok, num_experts, G = world.tokenizer, len(world.system_prompts), cfg.group_size
     prompts = [expert_prompt(tok, p, world.dataset, ex)
                for ex in examples for p in world.system_prompts for _ in range(G)]
@@ -103,9 +103,15 @@ def sample_rollouts(model, world: World, examples, cfg: RielConfig, generator) -
             old_logprobs.append(lp[mask].float().cpu())
             finished.append(bool(done))
     texts = [tok.decode(c, skip_special_tokens=True) for c in completions]
-    flat = [reward(world.dataset, text, examples[row // (num_experts * G)]) for row, text in enumerate(texts)]
-    rewards = torch.tensor(flat).view(len(examples), num_experts, G)  # [Q, N, G]
-    return Rollouts(prompts, completions, old_logprobs, finished, texts, rewards)
+    return Rollouts(prompts, completions, old_logprobs, finished, texts)
+
+
+def score_rollouts(ro: Rollouts, world: World, examples) -> None:
+    """Stage 2b: the verifier's 0/1 reward for every completion, as a tensor [Q, N, G]."""
+    num_experts = len(world.system_prompts)
+    per_question = len(ro.texts) // len(examples)  # N * G
+    flat = [reward(world.dataset, text, examples[row // per_question]) for row, text in enumerate(ro.texts)]
+    ro.rewards = torch.tensor(flat).view(len(examples), num_experts, per_question // num_experts)
 
 
 def _share(mask: torch.Tensor, total_rows: int, total_tokens: int, aggregation: str) -> float:
@@ -254,8 +260,9 @@ def riel_step(model, world: World, examples, cfg: RielConfig, generator: torch.G
     """Stages 2a-2e for one batch of questions. Returns (loss, metrics); gradients are in .grad."""
     t0 = time.time()
     model.eval()
-    ro = sample_rollouts(model, world, examples, cfg, generator)                   # 2a, 2b
+    ro = sample_rollouts(model, world, examples, cfg, generator)                   # 2a
     t1 = time.time()
+    score_rollouts(ro, world, examples)                                             # 2b
     advantages = group_advantages(ro.rewards, scale=cfg.advantage_scale,
                                   positive_only=cfg.positive_only)                  # 2c [Q, N, G]
     popped, inserted = buffer_step(buffer, examples, ro) if buffer is not None else ([], 0)  # 2d
