@@ -3,7 +3,7 @@
 No real weights can be downloaded on a fresh machine, so `python train.py` with no arguments
 runs the whole method on a world this module builds from a seed:
 
-- word problems ("Mia has 7 coins. She buys 3 bags of 4 coins. ...") whose integer answer is
+- word problems ("Mia has 7 coins. She buys 3 bags of 4. ... How many now?") whose integer answer is
   the result of a chain of steps; difficulty sets the number of steps, the operand sizes and
   which kinds of step appear (DIFFICULTIES);
 - three programmatic teachers that solve every problem correctly in *different formats*, so
@@ -14,9 +14,10 @@ runs the whole method on a world this module builds from a seed:
     2 "ledger":  all gains and all losses of a stretch totalled first, then combined, ends
                  `\\boxed{n}` (a different decomposition and order of the same arithmetic)
   All three markers are accepted by the GSM8K numeric verifier, which scores this world;
-- a byte-level BPE tokenizer trained on the world's own text (digits always split one per
-  token, as Qwen2.5 does), with a plain ChatML template that has a real system role and NO
-  default system prompt, and a tiny Qwen2 config: the synthetic and real paths share all code.
+- a byte-level BPE tokenizer trained on the world's own text (digits one per token, as in
+  Qwen2.5), with a plain ChatML template that has a real system role and NO default system
+  prompt, and a tiny Qwen2 config (MODEL_SIZES): the synthetic and real paths share all code.
+  Solutions are written without spaces ("7+5=12") to keep sequences short on a CPU.
 
 Train and eval are disjoint by construction: a hash of the whole problem decides which split
 may hold it, so no eval question is ever seen in training, whatever the split sizes. The hash
