@@ -36,8 +36,9 @@ class ExpertAnswer:
 _CALCULATOR = re.compile(r"<<[^<>\n]{0,200}>>")  # GSM8K's "<<48/2=24>>" calculator notes
 
 
-def _read_json_array(path: Path) -> list:
-    """The records of a file holding one JSON array; a JSON error names the file."""
+def _json_array_records(path: Path):
+    """(record number, dict) for every record of a file holding one JSON array; a JSON error,
+    or a record that is not an object, names the file (and the 1-based record number)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -46,7 +47,10 @@ def _read_json_array(path: Path) -> list:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
-    return data
+    for number, record in enumerate(data, start=1):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: record {number}: expected a JSON object, got {type(record).__name__}")
+        yield number, record
 
 
 def _jsonl_records(path: Path):
@@ -142,10 +146,8 @@ def load_mathqa(path) -> list[Example]:
     """
     path = Path(path)
     examples = []
-    for number, record in enumerate(_read_json_array(path), start=1):
+    for number, record in _json_array_records(path):
         where = f"{path}: record {number}"
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
         question = _field(record, "Problem", str, where)
         rationale = _field(record, "Rationale", str, where).strip()
         correct = _field(record, "correct", str, where).strip().lower()
@@ -170,10 +172,8 @@ def load_strategyqa(path) -> list[Example]:
     """
     path = Path(path)
     examples = []
-    for number, record in enumerate(_read_json_array(path), start=1):
+    for number, record in _json_array_records(path):
         where = f"{path}: record {number}"
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
         qid = _field(record, "qid", str, where)
         question = _field(record, "question", str, where)
         answer = "yes" if _field(record, "answer", bool, where) else "no"
