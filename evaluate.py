@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from meml import data, synthetic
-from meml.evaluation import evaluate_experts
+from meml import synthetic
+from meml.data import LOADERS
+from meml.evaluation import evaluate_experts, format_results
 from meml.model import Transformer
 from meml.prompts import EXPERT_SYSTEM_PROMPTS
 from meml.tokenizer import Tokenizer
 
-LOADERS = {"gsm8k": data.load_gsm8k, "mathqa": data.load_mathqa, "strategyqa": data.load_strategyqa}
 
 
 def parse_args(argv=None):
@@ -57,15 +57,8 @@ def main(argv=None) -> int:
     r = evaluate_experts(model, tokenizer, examples[:args.limit], prompts, args.dataset,
                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                          pass_k=args.pass_k, seed=args.seed)
-    n = len(prompts)
-    print(f"{r['num_questions']} questions, {n} expert prompts, greedy")
-    print("".join(f"{'expert ' + str(i):>10}" for i in range(n)) + f"{'majority':>10}{'oracle':>10}")
-    print("".join(f"{a:>10.1%}" for a in r["accuracy"]) + f"{r['majority_vote']:>10.1%}{r['oracle']:>10.1%}")
-    for key in [k for k in r if k.startswith("pass@")]:
-        print(f"{key} (T=1): " + " ".join(f"{a:.1%}" for a in r[key]))
-    print("error overlap: experts -> all wrong / exactly these wrong")
-    for row in r["error_overlap"]:
-        print(f"  {row['experts']}: {row['all_wrong']} / {row['exactly_wrong']}")
+    print(f"{r['num_questions']} questions, {len(prompts)} expert prompts")
+    print(format_results({"greedy": r}))
     if args.json:
         args.json.write_text(json.dumps(r, indent=1))
         print(f"wrote {args.json}")

@@ -26,7 +26,7 @@ from meml import data, synthetic
 from meml.buffer import HardExampleBuffer
 from meml.checkpoint import latest_checkpoint, load_trainer_state
 from meml.config import PRESETS, make_config
-from meml.evaluation import evaluate_experts
+from meml.evaluation import evaluate_experts, format_results
 from meml.mef import generate_expert_data, mef_items, sft_loss
 from meml.model import ModelConfig, Transformer
 from meml.prompts import EXPERT_SYSTEM_PROMPTS
@@ -34,14 +34,13 @@ from meml.riel import World, riel_step
 from meml.tokenizer import Tokenizer
 from meml.trainer import LossNotFinite, Stage, batch_indices, make_optimizer, restore, run_stage, truncate_metrics
 
-LOADERS = {"gsm8k": data.load_gsm8k, "mathqa": data.load_mathqa, "strategyqa": data.load_strategyqa}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to train (default: the built-in synthetic world)")
     g.add_argument("--model", type=Path, help="checkpoint folder (config.json, model.safetensors, tokenizer)")
-    g.add_argument("--dataset", choices=sorted(LOADERS), help="verifier and loader for --data")
+    g.add_argument("--dataset", choices=sorted(data.LOADERS), help="verifier and loader for --data")
     g.add_argument("--data", type=Path, help="training questions in the data set's original format")
     g.add_argument("--eval-data", type=Path, help="held-out questions (default: the last --eval-size of --data)")
     g.add_argument("--expert-data", type=Path, action="append", default=[],
@@ -123,9 +122,9 @@ def build_world(args, cfg, run_dir: Path, device, dtype):
             sys.exit("train.py: --model needs --dataset and --data")
         model_dir = args.model
         model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device)
-        examples = LOADERS[args.dataset](args.data)
+        examples = data.LOADERS[args.dataset](args.data)
         if args.eval_data:
-            train, evals = examples, LOADERS[args.dataset](args.eval_data)[:cfg.eval_size]
+            train, evals = examples, data.LOADERS[args.dataset](args.eval_data)[:cfg.eval_size]
         else:
             train, evals = examples[:-cfg.eval_size], examples[-cfg.eval_size:]
         dataset = args.dataset
@@ -170,22 +169,9 @@ def evaluate(model, tokenizer, evals, prompts, dataset, cfg) -> dict:
 
 
 def print_table(results: dict, riel_summary: dict | None, elapsed: float) -> None:
-    rows = [(name, r) for name, r in results.items() if r is not None]
-    if not rows:
+    if all(r is None for r in results.values()):
         return
-    n = len(rows[0][1]["accuracy"])
-    head = "".join(f"{'expert ' + str(i):>10}" for i in range(n)) + f"{'majority':>10}{'oracle':>10}"
-    print(f"\n{'greedy accuracy (E8)':<24}{head}")
-    for name, r in rows:
-        cells = "".join(f"{a:>10.1%}" for a in r["accuracy"]) + f"{r['majority_vote']:>10.1%}{r['oracle']:>10.1%}"
-        print(f"{name:<24}{cells}")
-        if "pass@1" in r:
-            for k in [key for key in r if key.startswith("pass@")]:
-                print(f"{'  ' + k + ' (T=1)':<24}" + "".join(f"{a:>10.1%}" for a in r[k]))
-    last = rows[-1][1]
-    print(f"\nerror overlap ({rows[-1][0]}, {last['num_questions']} questions): subset -> all wrong / exactly these wrong")
-    for row in last["error_overlap"]:
-        print(f"  experts {row['experts']}: {row['all_wrong']} / {row['exactly_wrong']}")
+    print("\n" + format_results(results))
     if riel_summary:
         print("\nreward sparsity during RIEL:")
         zs = " ".join(f"{v:.2f}" for v in riel_summary["frac_reward_zero_std"])

@@ -222,3 +222,7 @@ def write_expert_jsonl(path, answers) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+# Data set name -> loader of its original file format (train.py --dataset, evaluate.py --dataset).
+LOADERS = {"gsm8k": load_gsm8k, "mathqa": load_mathqa, "strategyqa": load_strategyqa}

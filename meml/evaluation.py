@@ -69,6 +69,25 @@ def error_overlap(correct: list[list[bool]]) -> list[dict]:
     return rows
 
 
+def format_results(results: dict[str, dict]) -> str:
+    """The E8 table for one or more named results of `evaluate_experts` (e.g. after MEF, after
+    RIEL): greedy accuracy per expert, majority, oracle, pass@k, and the last one's error overlap."""
+    rows = [(name, r) for name, r in results.items() if r is not None]
+    n = len(rows[0][1]["accuracy"])
+    lines = [f"{'greedy accuracy (E8)':<24}" + "".join(f"{'expert ' + str(i):>10}" for i in range(n))
+             + f"{'majority':>10}{'oracle':>10}"]
+    for name, r in rows:
+        lines.append(f"{name:<24}" + "".join(f"{a:>10.1%}" for a in r["accuracy"])
+                     + f"{r['majority_vote']:>10.1%}{r['oracle']:>10.1%}")
+        for key in [k for k in r if k.startswith("pass@")]:
+            lines.append(f"{'  ' + key + ' (T=1)':<24}" + "".join(f"{a:>10.1%}" for a in r[key]))
+    name, last = rows[-1]
+    lines.append(f"\nerror overlap ({name}, {last['num_questions']} questions): "
+                 "subset -> all wrong / exactly these wrong")
+    lines += [f"  experts {row['experts']}: {row['all_wrong']} / {row['exactly_wrong']}" for row in last["error_overlap"]]
+    return "\n".join(lines)
+
+
 def _complete(model, tokenizer, prompts, *, max_new_tokens, batch_size, temperature, generator):
     texts = []
     for start in range(0, len(prompts), batch_size):
