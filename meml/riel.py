@@ -89,7 +89,7 @@ class World:
 
 def sample_rollouts(model, world: World, examples, cfg: RielConfig, generator) -> Rollouts:
     """Stage 2a: N x G completions per question, each expert under its own system prompt."""
-    tok, num_experts, G = world.tokenizer, len(world.system_prompts), cfg.group_size
+    tok, G = world.tokenizer, cfg.group_size
     prompts = [expert_prompt(tok, p, world.dataset, ex)
                for ex in examples for p in world.system_prompts for _ in range(G)]
     completions, old_logprobs, finished = [], [], []
