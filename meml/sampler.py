@@ -173,10 +173,12 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: 
     batch, width = prompt_ids.shape
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
 
-    # Real-token mask over prompt + completion columns. Completion columns are all real; step t
-    # passes only the columns up to its own, so they can be set to 1 from the start.
-    attention = torch.ones(batch, width + max_new_tokens, dtype=torch.long, device=device)
-    attention[:, :width] = torch.arange(width, device=device) >= (width - lengths)[:, None]
+    prompt_mask = torch.arange(width, device=device) >= (width - lengths)[:, None]  # [B, P] real tokens
+    # A decode step's query sees every real slot so far (left pads are the only unreal ones):
+    # one additive row per sequence over prompt + completion slots, built once; step t passes
+    # its first width + t columns (the model would otherwise rebuild it every token).
+    decode_mask = torch.zeros(batch, 1, 1, width + max_new_tokens, dtype=weight.dtype, device=device)
+    decode_mask[:, 0, 0, :width].masked_fill_(~prompt_mask, float("-inf"))
     # Left padding shifts each row; positions count real tokens only (pads sit at 0, masked).
     prompt_positions = (torch.arange(width, device=device)
                         - (width - lengths)[:, None]).clamp(min=0)  # [B, P]
@@ -192,7 +194,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: 
     model.eval()
     try:
         cache = model.new_kv_cache(batch, width + max_new_tokens)
-        hidden = model(prompt_ids, attention_mask=attention[:, :width],
+        hidden = model(prompt_ids, attention_mask=prompt_mask.long(),
                        position_ids=prompt_positions, kv_cache=cache,
                        return_hidden=True)  # [B, P, H]
         steps = 0
@@ -208,7 +210,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: 
             steps += 1
             if steps == max_new_tokens or (steps % check_every == 0 and bool(done.all())):
                 break
-            hidden = model(ids[:, None], attention_mask=attention[:, :width + steps],
+            hidden = model(ids[:, None], attention_mask=decode_mask[..., :width + steps],
                            position_ids=new_positions[:, steps - 1:steps], kv_cache=cache,
                            return_hidden=True)  # [B, 1, H]
     finally:

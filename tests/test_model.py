@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import require_shared
+from meml.hf_checkpoint import fuse_projections
 from meml.model import ModelConfig, Transformer, rope_inv_freq
 
 transformers = pytest.importorskip("transformers")
@@ -83,9 +84,10 @@ def test_fp32_parameter_gradients_match_transformers(checkpoint):
                           (theirs, lambda: theirs(ids, attention_mask=mask).logits)):
         loss = torch.nn.functional.cross_entropy(logits()[:, 7:].flatten(0, 1), targets[:, 7:].flatten())
         loss.backward()
-    theirs_grads = dict(theirs.named_parameters())
+    # their q/k/v_proj gradients, stacked as our qkv_proj stacks the weights
+    theirs_grads = fuse_projections({n: p.grad for n, p in theirs.named_parameters()})
     for name, p in ours.named_parameters():
-        assert torch.allclose(p.grad, theirs_grads[name].grad, atol=1e-6, rtol=1e-4), name
+        assert torch.allclose(p.grad, theirs_grads[name], atol=1e-6, rtol=1e-4), name
 
 
 @torch.no_grad()
@@ -178,9 +180,11 @@ def test_save_load_round_trip_loads_in_transformers(checkpoint, tmp_path):
     assert (hf_logits(tmp_path / "ours", ids) - expected).abs().max().item() <= 1e-5
     assert torch.equal(Transformer.from_pretrained(tmp_path / "ours")(ids), expected)
     assert ModelConfig.from_json(tmp_path / "ours" / "config.json") == model.config
-    from safetensors import safe_open
-    with safe_open(tmp_path / "ours" / "model.safetensors", framework="pt") as f:
-        stored = set(f.keys())
+    # the fused projections are split back: the very tensors, under the names, that HF wrote
+    from safetensors.torch import load_file
+    stored, original = load_file(tmp_path / "ours" / "model.safetensors"), load_file(checkpoint / "model.safetensors")
+    assert stored.keys() == original.keys()
+    assert all(torch.equal(stored[name], original[name]) for name in original)
     assert ("lm_head.weight" in stored) == (not model.config.tie_word_embeddings)
     assert not [p.name for p in (tmp_path / "ours").iterdir() if "tmp" in p.name]
 
@@ -282,6 +286,37 @@ def test_missing_unexpected_and_misshapen_tensors_are_named(llama_dir, tmp_path)
         Transformer.from_pretrained(path)
 
 
+def test_attention_bias_worked_by_hand():
+    """Row 0 is left-padded by one slot. Prefill of 3 tokens, then one decode step at slot 3."""
+    from meml.model import attention_bias
+    inf = float("-inf")
+    prefill = attention_bias(torch.tensor([[0, 1, 1], [1, 1, 1]]), past=0, T=3, dtype=torch.float32)
+    assert prefill.shape == (2, 1, 3, 3)
+    assert prefill[0, 0].tolist() == [[0, inf, inf],   # the pad query sees only its own slot
+                                      [inf, 0, inf],   # real keys at or before the query
+                                      [inf, 0, 0]]
+    assert prefill[1, 0].tolist() == [[0, inf, inf], [0, 0, inf], [0, 0, 0]]
+    decode = attention_bias(torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0]]), past=3, T=1, dtype=torch.bfloat16)
+    assert decode.dtype == torch.bfloat16
+    assert decode[:, 0, 0].tolist() == [[inf, 0, 0, 0],
+                                        [0, 0, 0, 0]]  # own slot even when the mask calls it pad
+
+
+@pytest.mark.parametrize("T", [1, 5])  # one query per row is the folded decode path
+def test_grouped_query_attention_equals_the_formula_with_repeated_heads(T):
+    from meml.model import attention_bias, grouped_query_attention
+    g = torch.Generator().manual_seed(0)
+    B, h, kv, d, S = 3, 6, 2, 8, 7
+    q, k, v = (torch.randn(shape, generator=g) for shape in ((B, h, T, d), (B, kv, S, d), (B, kv, S, d)))
+    real = torch.ones(B, S, dtype=torch.long)
+    real[0, :3] = 0
+    mask = attention_bias(real, past=S - T, T=T, dtype=torch.float32)
+    # query head i reads key/value head i // (h / kv)
+    k_rep, v_rep = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
+    expected = torch.softmax(q @ k_rep.transpose(-1, -2) / math.sqrt(d) + mask, dim=-1) @ v_rep
+    assert torch.allclose(grouped_query_attention(q, k, v, mask), expected, atol=1e-6)
+
+
 def test_cache_overflow_and_mask_shape_are_explained(llama_dir):
     model = Transformer.from_pretrained(llama_dir)
     with pytest.raises(ValueError, match=r"KV cache holds 4 slots; 0 used, 5 more do not fit"):
@@ -290,6 +325,34 @@ def test_cache_overflow_and_mask_shape_are_explained(llama_dir):
         model(random_ids(1, 5), kv_cache=model.new_kv_cache(2, 8))
     with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 3\), expected \(1, 5\)"):
         model(random_ids(1, 5), attention_mask=torch.ones(1, 3))
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 1, 5, 4\), expected \(1, 1, 5, 5\)"):
+        model(random_ids(1, 5), attention_mask=torch.zeros(1, 1, 5, 4), position_ids=torch.arange(5)[None])
+    with pytest.raises(ValueError, match=r"position_ids are required with an additive"):
+        model(random_ids(1, 5), attention_mask=torch.zeros(1, 1, 5, 5))
+
+
+@torch.no_grad()
+def test_an_additive_mask_is_the_same_as_the_01_mask_it_encodes(checkpoint):
+    """The sampler's decode path: one additive row, sliced, instead of the 0/1 mask."""
+    model = Transformer.from_pretrained(checkpoint)
+    ids = random_ids(2, 9)
+    real = torch.ones(2, 9, dtype=torch.long)
+    real[0, :4] = 0  # row 0 is left-padded
+    positions = (real.cumsum(-1) - 1).clamp(min=0)
+    expected = model(ids, attention_mask=real, position_ids=positions)
+    allowed = torch.ones(9, 9, dtype=torch.bool).tril().repeat(2, 1, 1)  # causal, [2, 9, 9]
+    allowed[0, :, :4] = False                 # nobody sees row 0's pads...
+    allowed[0, range(4), range(4)] = True     # ...but a pad query sees its own slot (as attention_bias)
+    additive = torch.zeros(2, 1, 9, 9).masked_fill(~allowed[:, None], float("-inf"))
+    assert torch.equal(model(ids, attention_mask=additive, position_ids=positions), expected)
+    # decoding: prefill 5 with the 0/1 mask, then 4 steps with slices of one additive row
+    cache = model.new_kv_cache(2, 9)
+    steps = [model(ids[:, :5], attention_mask=real[:, :5], position_ids=positions[:, :5], kv_cache=cache)]
+    row = torch.zeros(2, 1, 1, 9).masked_fill((real == 0)[:, None, None, :], float("-inf"))
+    for t in range(5, 9):
+        steps.append(model(ids[:, t:t + 1], attention_mask=row[..., :t + 1], position_ids=positions[:, t:t + 1],
+                           kv_cache=cache))
+    assert (torch.cat(steps, dim=1) - expected)[:, 4:].abs().max().item() <= 1e-5
 
 
 @torch.no_grad()
@@ -316,4 +379,4 @@ def test_init_weights_matches_the_hf_initialisation_scale():
     assert abs(embed.std().item() - 0.02) < 0.001 and abs(embed.mean().item()) < 0.001
     assert model.lm_head.weight is embed  # still tied
     attn = model.model.layers[0].self_attn
-    assert (attn.q_proj.bias == 0).all() and (model.model.norm.weight == 1).all()
+    assert (attn.qkv_proj.bias == 0).all() and (model.model.norm.weight == 1).all()
