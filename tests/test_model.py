@@ -302,7 +302,7 @@ def test_attention_bias_worked_by_hand():
                                         [0, 0, 0, 0]]  # own slot even when the mask calls it pad
 
 
-@pytest.mark.parametrize("T", [1, 5])  # one query per row is the folded decode path
+@pytest.mark.parametrize("T", [1, 5])  # a decode step and a prompt
 def test_grouped_query_attention_equals_the_formula_with_repeated_heads(T):
     from meml.model import attention_bias, grouped_query_attention
     g = torch.Generator().manual_seed(0)
