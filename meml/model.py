@@ -60,7 +60,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     in four ops instead of eight (every layer runs this for every decoded token).
     """
     x32 = x.float()
-    return (x32 * cos + x32.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
+    return (x32 * cos + x32.roll(x.shape[-1] // 2, dims=-1) * sin).type_as(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         """weight * x / sqrt(mean(x^2) + eps), normalised in fp32 (F.rms_norm without a weight)."""
         x32 = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * x32.to(x.dtype)  # cast back before the gain, as HF does
+        return self.weight * x32.type_as(x)  # cast back before the gain, as HF does
 
 
 class KVCache:
