@@ -294,8 +294,8 @@ class Transformer(nn.Module):
         return model
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """The state dict under the checkpoint's names: qkv_proj split back into q/k/v_proj (views
-        of ours), and no lm_head.weight when tied (HF does not store the head then)."""
+        """The state dict under the checkpoint's names: qkv_proj split back into q/k/v_proj
+        (copies), and no lm_head.weight when tied (HF does not store the head then)."""
         state = split_projections(self.state_dict(), self.config)
         if self.config.tie_word_embeddings:
             del state["lm_head.weight"]
