@@ -1,4 +1,5 @@
-"""meml/model.py against `transformers` as the oracle, on tiny random-weight checkpoints that
+"""meml/model.py (and the checkpoint layout in meml/hf_checkpoint.py, through from_pretrained /
+save_pretrained) against `transformers` as the oracle, on tiny random-weight checkpoints that
 transformers itself writes (hidden 64, 2 layers, GQA 4 query / 2 key-value heads).
 
 Facts checked: logits equal HF's in fp32 (Qwen2, and Llama with llama3 RoPE scaling on a sequence
@@ -180,7 +181,7 @@ def test_save_load_round_trip_loads_in_transformers(checkpoint, tmp_path):
     assert (hf_logits(tmp_path / "ours", ids) - expected).abs().max().item() <= 1e-5
     assert torch.equal(Transformer.from_pretrained(tmp_path / "ours")(ids), expected)
     assert ModelConfig.from_json(tmp_path / "ours" / "config.json") == model.config
-    # the fused projections are split back: the very tensors, under the names, that HF wrote
+    # qkv_proj is split back: the very tensors, under the names, that transformers wrote
     from safetensors.torch import load_file
     stored, original = load_file(tmp_path / "ours" / "model.safetensors"), load_file(checkpoint / "model.safetensors")
     assert stored.keys() == original.keys()
