@@ -24,7 +24,7 @@ import torch
 
 from meml import data, synthetic
 from meml.buffer import HardExampleBuffer
-from meml.checkpoint import latest_checkpoint, load_trainer_state
+from meml.checkpoint import TRAINER_STATE, latest_checkpoint, load_trainer_state
 from meml.config import PRESETS, make_config
 from meml.evaluation import evaluate_experts, format_results
 from meml.mef import generate_expert_data, mef_items, sft_loss
@@ -163,6 +163,17 @@ def build_world(args, cfg, run_dir: Path, device, dtype):
     return model_dir, model, tokenizer, train, evals[:cfg.eval_size], answers, prompts, dataset
 
 
+def resume_stage(state: dict | None, stage: Stage, optimizer, checkpoint: Path | None) -> int:
+    """The step to start `stage` at: the checkpoint's step if it was written during this stage
+    (optimizer, generators and buffer restored from it), else 0."""
+    if checkpoint is None or state["stage"] != stage.name:
+        return 0
+    try:
+        return restore(state, stage, optimizer)
+    except ValueError as err:
+        sys.exit(f"train.py: cannot resume from {checkpoint / TRAINER_STATE}: {err}")
+
+
 def evaluate(model, tokenizer, evals, prompts, dataset, cfg) -> dict:
     return evaluate_experts(model, tokenizer, evals, prompts, dataset, max_new_tokens=cfg.eval_max_new_tokens,
                             pass_k=cfg.pass_k, seed=cfg.seed)
@@ -217,7 +228,7 @@ def main(argv=None) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = args.resume if args.resume else args.output
-    resume_from = None
+    resume_from, state = None, None
     if args.resume:
         resume_from = latest_checkpoint(run_dir)
         if resume_from is None:
@@ -242,7 +253,7 @@ def main(argv=None) -> int:
                 stage = Stage("mef", mef_steps, cfg.mef_lr, cfg.save_every, cfg.grad_clip, cfg.weight_decay,
                               cfg.warmup_steps, cfg.mef_schedule)
                 optimizer = make_optimizer(model, stage)
-                start = restore(state, stage, optimizer) if stage_of_resume == "mef" else 0
+                start = resume_stage(state, stage, optimizer, resume_from)
 
                 def mef_step(step):
                     batch = [items[i] for i in batch_indices(len(items), cfg.mef_batch_size, step, cfg.seed)]
@@ -278,7 +289,7 @@ def main(argv=None) -> int:
                 ref_model = Transformer.from_pretrained(ref_dir, dtype=dtype, device=device).eval()
                 ref_model.requires_grad_(False)
             optimizer = make_optimizer(model, stage)
-            start = restore(state, stage, optimizer) if stage_of_resume == "riel" else 0
+            start = resume_stage(state, stage, optimizer, resume_from)
             by_id = {ex.id: ex for ex in train}
             expert_of = [cfg.expert] if cfg.single_expert else list(range(len(prompts)))
             world = World(tok, prompts, dataset,

@@ -77,7 +77,12 @@ def restore(state: dict, stage: Stage, optimizer) -> int:
     """Put the optimizer, generators and extra state back; return the step to continue from."""
     if state["stage"] != stage.name:
         raise ValueError(f"checkpoint is from stage {state['stage']!r}, not {stage.name!r}")
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as err:  # e.g. saved before q/k/v_proj became one qkv_proj (3 tensors, now 1)
+        raise ValueError(f"its optimizer state does not fit this model's parameters ({err}); it was "
+                         "written for another model layout, e.g. by a meml from before q/k/v_proj "
+                         "were fused into qkv_proj") from err
     torch.set_rng_state(state["torch_rng"])
     for k, g in stage.generators.items():
         g.set_state(state["generators"][k])

@@ -206,3 +206,17 @@ def test_teacher_checkpoint_writes_verified_expert_data_then_trains(tmp_path, ca
     written = load_expert_jsonl(tmp_path / "run" / "expert1.jsonl")
     by_id = {ex.id: ex for ex in load_gsm8k(data)}
     assert all(a.expert == 1 and reward("gsm8k", a.response, by_id[a.id]) == 1.0 for a in written)
+
+
+def test_resume_refuses_an_optimizer_state_for_another_layout_and_names_the_file(tmp_path):
+    """A checkpoint whose optimizer state has more tensors than the model (as one written before
+    q/k/v_proj were fused: three tensors where there is now one) stops with a message."""
+    run = tmp_path / "run"
+    assert train.main(["--output", str(run), "--mef-steps", "2", "--riel-steps", "1", "--save-every", "1"] + TINY) == 0
+    path = run / "checkpoint-000003" / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    group = state["optimizer"]["param_groups"][0]
+    group["params"] = group["params"] + [max(group["params"]) + 1, max(group["params"]) + 2]
+    torch.save(state, path)
+    with pytest.raises(SystemExit, match=rf"cannot resume from {path}: its optimizer state does not fit"):
+        train.main(["--resume", str(run)])
