@@ -165,13 +165,16 @@ def build_world(args, cfg, run_dir: Path, device, dtype):
 
 def resume_stage(state: dict | None, stage: Stage, optimizer, checkpoint: Path | None) -> int:
     """The step to start `stage` at: the checkpoint's step if it was written during this stage
-    (optimizer, generators and buffer restored from it), else 0."""
+    (optimizer, generators and buffer restored from it), else 0. Only once that worked are the
+    metric lines of steps after the checkpoint dropped (they will be run again)."""
     if checkpoint is None or state["stage"] != stage.name:
         return 0
     try:
-        return restore(state, stage, optimizer)
+        step = restore(state, stage, optimizer)
     except ValueError as err:
         sys.exit(f"train.py: cannot resume from {checkpoint / TRAINER_STATE}: {err}")
+    truncate_metrics(checkpoint.parent / "metrics.jsonl", state["stage"], state["step"])
+    return step
 
 
 def evaluate(model, tokenizer, evals, prompts, dataset, cfg) -> dict:
@@ -234,7 +237,6 @@ def main(argv=None) -> int:
         if resume_from is None:
             sys.exit(f"train.py: no complete checkpoint in {run_dir} to resume from")
         state = load_trainer_state(resume_from)
-        truncate_metrics(run_dir / "metrics.jsonl", state["stage"], state["step"])
         print(f"resuming from {resume_from} (stage {state['stage']}, step {state['step']})")
     model_dir, model, tok, train, evals, answers, prompts, dataset = build_world(args, cfg, run_dir, device, dtype)
     if resume_from is not None:

@@ -6,6 +6,7 @@ accuracy.
 """
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -213,10 +214,14 @@ def test_resume_refuses_an_optimizer_state_for_another_layout_and_names_the_file
     q/k/v_proj were fused: three tensors where there is now one) stops with a message."""
     run = tmp_path / "run"
     assert train.main(["--output", str(run), "--mef-steps", "2", "--riel-steps", "1", "--save-every", "1"] + TINY) == 0
-    path = run / "checkpoint-000003" / "trainer_state.pt"
+    shutil.rmtree(run / "checkpoint-000003")  # resume from the last MEF step...
+    path = run / "checkpoint-000002" / "trainer_state.pt"
+    metrics_before = (run / "metrics.jsonl").read_text()
+    assert '"stage": "riel"' in metrics_before  # ...with a metrics line after it, which must survive
     state = torch.load(path, weights_only=True)
     group = state["optimizer"]["param_groups"][0]
     group["params"] = group["params"] + [max(group["params"]) + 1, max(group["params"]) + 2]
     torch.save(state, path)
     with pytest.raises(SystemExit, match=rf"cannot resume from {path}: its optimizer state does not fit"):
         train.main(["--resume", str(run)])
+    assert (run / "metrics.jsonl").read_text() == metrics_before  # nothing lost
