@@ -58,23 +58,33 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
 
 
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+def top_p_filter(logits: torch.Tensor, p: float, candidates: int = 1024) -> torch.Tensor:
     """Nucleus filter: keep the smallest set of most likely ids whose probability mass is >= p.
 
-    Sorted by probability, id i is kept while the mass strictly before it is < p; the top id is
-    always kept. p >= 1 keeps everything.
+    Ranked by probability, id i is kept while the mass strictly before it is < p; the top id is
+    always kept. p >= 1 keeps everything. Sorting all of Qwen's 151,665 ids costs ~50 ms per 8
+    rows on CPU, so there the ranking starts with the `candidates` most likely ids (topk, ~3 ms):
+    if they hold mass >= p in every row, every id outside them has mass >= p before it and is
+    dropped anyway; otherwise the whole vocabulary is sorted. (On CUDA the sort is cheap, and
+    checking the candidates' mass would cost a host sync per token.)
     """
     if p >= 1.0:
         return logits
     if p <= 0:
         raise ValueError(f"top_p must be in (0, 1], got {p}")
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [B, V]
-    sorted_probs = torch.softmax(sorted_logits.float(), dim=-1)
-    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # exclusive cumsum
-    drop_sorted = mass_before >= p
-    drop_sorted[..., 0] = False
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits.float(), dim=-1)  # [B, V]
+    ranked = None
+    if probs.device.type == "cpu" and candidates < probs.shape[-1]:
+        ranked, ids = torch.topk(probs, candidates, dim=-1)  # [B, candidates], most likely first
+        if bool((ranked.sum(dim=-1) < p).any()):  # some row's nucleus reaches past the candidates
+            ranked = None
+    if ranked is None:
+        ranked, ids = torch.sort(probs, dim=-1, descending=True)  # [B, V]
+    mass_before = torch.cumsum(ranked, dim=-1) - ranked  # exclusive cumsum
+    keep_ranked = mass_before < p
+    keep_ranked[..., 0] = True
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, ids, keep_ranked)
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def draw_from(probs: torch.Tensor, generator: torch.Generator | None = None,

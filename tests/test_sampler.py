@@ -52,21 +52,46 @@ def test_top_p_keeps_the_smallest_set_with_mass_at_least_p_hand_worked():
     assert kept(1.0) == {0, 1, 2, 3, 4}
 
 
+def nucleus_oracle(logits: np.ndarray, p: float) -> set | None:
+    """The smallest most-likely prefix with mass >= p, in float64; None too close to a boundary."""
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    csum = np.cumsum(probs[order])
+    if np.min(np.abs(csum - p)) < 1e-5:
+        return None  # too close to a boundary for float32
+    return set(order[:int(np.argmax(csum >= p)) + 1].tolist())
+
+
 def test_top_p_matches_brute_force_oracle():
     rng = np.random.default_rng(0)
     for _ in range(200):
         logits = rng.normal(size=12) * 2
         p = rng.uniform(0.05, 0.99)
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
-        order = np.argsort(-probs)
-        csum = np.cumsum(probs[order])
-        if np.min(np.abs(csum - p)) < 1e-5:
-            continue  # too close to a boundary for float32
-        n_keep = int(np.argmax(csum >= p)) + 1  # smallest prefix with mass >= p
-        expected = set(order[:n_keep].tolist())
+        expected = nucleus_oracle(logits, p)
+        if expected is None:
+            continue
         got = torch.isfinite(top_p_filter(torch.tensor(logits, dtype=torch.float32)[None], p))
         assert set(got[0].nonzero().flatten().tolist()) == expected
+
+
+def test_top_p_from_a_few_candidates_keeps_the_same_set_as_a_full_sort():
+    """The CPU shortcut (rank only the 16 most likely of 300 ids) against the oracle, on batches
+    where the candidates hold mass p in every row and on batches where some row needs more."""
+    rng = np.random.default_rng(1)
+    seen = {"shortcut": 0, "full sort": 0}
+    for _ in range(100):
+        logits = rng.normal(size=(4, 300)) * rng.choice([0.5, 3.0, 6.0])
+        p = rng.uniform(0.05, 0.99)
+        expected = [nucleus_oracle(row, p) for row in logits]
+        if None in expected:
+            continue
+        logits32 = torch.tensor(logits, dtype=torch.float32)
+        top16 = torch.softmax(logits32, -1).topk(16, dim=-1).values.sum(-1)
+        seen["shortcut" if bool((top16 >= p).all()) else "full sort"] += 1
+        got = torch.isfinite(top_p_filter(logits32, p, candidates=16))
+        assert [set(row.nonzero().flatten().tolist()) for row in got] == expected
+    assert seen["shortcut"] >= 10 and seen["full sort"] >= 10, seen
 
 
 def test_sampling_follows_softmax_at_temperature():
