@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from meml import data, synthetic
+from meml import data, synthetic, synthetic_assets
 from meml.buffer import HardExampleBuffer
 from meml.checkpoint import TRAINER_STATE, latest_checkpoint, load_trainer_state
 from meml.config import PRESETS, make_config
@@ -110,7 +110,7 @@ def overrides_from(args) -> dict:
 def build_world(args, cfg, run_dir: Path, device, dtype):
     """(model_dir, fresh-or-loaded model, tokenizer, train, eval, expert answers, prompts, dataset)."""
     if args.model is None:  # the built-in synthetic world: assets written once into the run folder
-        model_dir = synthetic.write_synthetic_assets(run_dir / "synthetic", seed=cfg.seed)
+        model_dir = synthetic_assets.write_synthetic_assets(run_dir / "synthetic", seed=cfg.seed)
         train, evals, answers = synthetic.load_synthetic(seed=cfg.seed)
         prompts, dataset = list(synthetic.EXPERT_PROMPTS), "synthetic"
         torch.manual_seed(cfg.seed)

@@ -19,7 +19,8 @@ import torch
 from tokenizers import Tokenizer
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from meml.synthetic import EXPERT_PROMPTS, TEACHERS, generate_problems, write_synthetic_assets
+from meml.synthetic import EXPERT_PROMPTS, TEACHERS, generate_problems
+from meml.synthetic_assets import write_synthetic_assets
 
 MARKERS = [re.compile(r"####\s*(-?\d+)"), re.compile(r"The answer is (-?\d+)"), re.compile(r"\\boxed\{(-?\d+)\}")]
 

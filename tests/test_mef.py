@@ -1,7 +1,7 @@
 """Stage 1: which (question, expert, answer) triples MEF trains on, and teacher data generation."""
 import torch
 
-from meml import synthetic
+from meml import synthetic_assets
 from meml.data import Example, ExpertAnswer
 from meml.mef import generate_expert_data, mef_items, sft_loss
 from meml.model import ModelConfig, Transformer
@@ -15,7 +15,7 @@ PROMPTS = ["Step by step.", "One expression.", "Ledger."]
 
 
 def tiny(tmp_path):
-    folder = synthetic.write_synthetic_assets(tmp_path / "assets")
+    folder = synthetic_assets.write_synthetic_assets(tmp_path / "assets")
     tok = Tokenizer.from_pretrained(folder)
     config = ModelConfig.from_json(folder / "config.json")
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ log_softmax, one loss over the whole batch, one backward.
 import pytest
 import torch
 
-from meml import synthetic
+from meml import synthetic_assets
 from meml.data import Example
 from meml.kl import inter_expert_kl
 from meml.losses import nll_loss, policy_loss
@@ -20,7 +20,7 @@ G = 3
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    folder = synthetic.write_synthetic_assets(tmp_path_factory.mktemp("assets"))
+    folder = synthetic_assets.write_synthetic_assets(tmp_path_factory.mktemp("assets"))
     tok = Tokenizer.from_pretrained(folder)
     torch.manual_seed(0)
     config = ModelConfig.from_json(folder / "config.json")
