@@ -20,20 +20,21 @@ import time
 VOCAB = 151936
 
 
-def vm_hwm_bytes():
-    with open("/proc/self/status") as f:
+def proc_kib_field(path: str, key: str) -> int:
+    """A "Key:   123 kB" line of a /proc file, in bytes."""
+    with open(path) as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status (needs Linux)")
+    raise RuntimeError(f"{key} not found in {path} (needs Linux)")
+
+
+def vm_hwm_bytes():
+    return proc_kib_field("/proc/self/status", "VmHWM")  # this process's peak resident memory
 
 
 def mem_available_bytes():
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("MemAvailable not found in /proc/meminfo (needs Linux)")
+    return proc_kib_field("/proc/meminfo", "MemAvailable")
 
 
 def estimated_peak_bytes(impl, n, h, vocab, chunk_elements):
