@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from meml.model import attention_bias
+
 
 @dataclass
 class Generation:
@@ -183,12 +185,13 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: 
     batch, width = prompt_ids.shape
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
 
-    prompt_mask = torch.arange(width, device=device) >= (width - lengths)[:, None]  # [B, P] real tokens
-    # A decode step's query sees every real slot so far (left pads are the only unreal ones):
-    # one additive row per sequence over prompt + completion slots, built once; step t passes
-    # its first width + t columns (the model would otherwise rebuild it every token).
-    decode_mask = torch.zeros(batch, 1, 1, width + max_new_tokens, dtype=weight.dtype, device=device)
-    decode_mask[:, 0, 0, :width].masked_fill_(~prompt_mask, float("-inf"))
+    # Real-token mask over prompt + completion slots; only the prompts' left pads are not real.
+    real = torch.ones(batch, width + max_new_tokens, dtype=torch.long, device=device)
+    real[:, :width] = torch.arange(width, device=device) >= (width - lengths)[:, None]
+    # A decode step's query sees every real slot up to its own, so the additive mask row of the
+    # last slot, cut to its first width + t columns, serves step t: built once here instead of
+    # by the model at every token.
+    decode_mask = attention_bias(real, past=width + max_new_tokens - 1, T=1, dtype=weight.dtype)  # [B, 1, 1, S]
     # Left padding shifts each row; positions count real tokens only (pads sit at 0, masked).
     prompt_positions = (torch.arange(width, device=device)
                         - (width - lengths)[:, None]).clamp(min=0)  # [B, P]
@@ -204,7 +207,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: 
     model.eval()
     try:
         cache = model.new_kv_cache(batch, width + max_new_tokens)
-        hidden = model(prompt_ids, attention_mask=prompt_mask.long(),
+        hidden = model(prompt_ids, attention_mask=real[:, :width],
                        position_ids=prompt_positions, kv_cache=cache,
                        return_hidden=True)  # [B, P, H]
         steps = 0
