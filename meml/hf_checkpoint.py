@@ -102,11 +102,16 @@ def write_checkpoint(path, state: dict[str, torch.Tensor], config: dict) -> None
     written atomically."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(path / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    write_json(path / "config.json", config)
 
 
-def _atomic_write(final: Path, write):
+def write_json(path: Path, obj) -> None:
+    """obj as indented JSON in `path`, written atomically (config.json and its siblings)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def atomic_write(final: Path, write):
     """write(tmp) into a temporary file beside `final`, then rename it over `final` in one step."""
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:

@@ -9,12 +9,11 @@ checkpoint folder holds besides the weights:
   prompt (experts are system prompts, so the template must not add one of its own);
 - generation_config.json and config.json: a tiny Qwen2 (MODEL_SIZES).
 """
-import json
-import os
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from meml.hf_checkpoint import atomic_write, write_json
 from meml.synthetic import EXPERT_PROMPTS, TEACHERS, generate_problems
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # pad / turn start / eos
@@ -84,12 +83,6 @@ def model_config(tokenizer_vocab: int, special_ids: dict[str, int], **sizes) -> 
     }
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def write_synthetic_assets(out_dir, *, seed: int = 0, vocab_size: int = 512, **sizes) -> Path:
     """Write the synthetic checkpoint dir (no weights): tokenizer.json, tokenizer_config.json,
     generation_config.json and config.json. Returns the directory."""
@@ -97,9 +90,8 @@ def write_synthetic_assets(out_dir, *, seed: int = 0, vocab_size: int = 512, **s
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(vocab_size, seed)
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-    tok.save(str(out / "tokenizer.json.tmp"))
-    os.replace(out / "tokenizer.json.tmp", out / "tokenizer.json")
-    _write_json(out / "tokenizer_config.json", {
+    atomic_write(out / "tokenizer.json", tok.save)
+    write_json(out / "tokenizer_config.json", {
         "tokenizer_class": "Qwen2Tokenizer", "chat_template": CHAT_TEMPLATE,
         "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
         "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
@@ -108,9 +100,9 @@ def write_synthetic_assets(out_dir, *, seed: int = 0, vocab_size: int = 512, **s
         "added_tokens_decoder": {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                                           "single_word": False, "special": True} for t, i in ids.items()},
     })
-    _write_json(out / "generation_config.json", {
+    write_json(out / "generation_config.json", {
         "bos_token_id": ids["<|endoftext|>"], "pad_token_id": ids["<|endoftext|>"],
         "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
     })
-    _write_json(out / "config.json", model_config(tok.get_vocab_size(), ids, **sizes))
+    write_json(out / "config.json", model_config(tok.get_vocab_size(), ids, **sizes))
     return out
