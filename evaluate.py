@@ -3,8 +3,13 @@
 Prints greedy accuracy per expert prompt, the majority vote over experts, the oracle (any
 expert right), pass@k from sampling, and the error-overlap table; `--json FILE` writes them.
 
-    python evaluate.py --model runs/default/checkpoint-000400 --dataset synthetic
+    python evaluate.py --model runs/default/checkpoint-002600
     python evaluate.py --model DIR --dataset gsm8k --data test.jsonl --json results.json
+
+A checkpoint written by train.py carries its run's data set, expert prompts and held-out
+questions (meml_run.json): by default it is scored on exactly those, as train.py scored it.
+`--data` with another file, `--system-prompts` or `--dataset` override them; `--data` naming the
+run's own training file still scores only its held-out questions, never the ones it trained on.
 """
 import argparse
 import json
@@ -14,24 +19,27 @@ from pathlib import Path
 import torch
 
 from meml import synthetic
+from meml.checkpoint import read_run_info
 from meml.data import LOADERS
+from meml.errors import InputError
 from meml.evaluation import evaluate_experts, format_results
-from meml.model import Transformer
-from meml.prompts import EXPERT_SYSTEM_PROMPTS
-from meml.tokenizer import Tokenizer
-
+from meml.inference import load
+from meml.prompts import EXPERT_SYSTEM_PROMPTS, read_system_prompts
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True, help="checkpoint folder (weights + tokenizer)")
-    p.add_argument("--dataset", required=True, choices=sorted(LOADERS) + ["synthetic"])
+    p.add_argument("--dataset", choices=sorted(LOADERS) + ["synthetic"],
+                   help="verifier and loader (default: the run's, for a train.py checkpoint)")
     p.add_argument("--data", type=Path, help="questions in the data set's original format (not for synthetic)")
-    p.add_argument("--system-prompts", type=Path, help="JSON list of the experts' system prompts")
-    p.add_argument("--limit", type=int, default=200, help="evaluate the first N questions")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--system-prompts", type=Path, help="JSON list of the experts' system prompts "
+                   "(default: the run's, else the built-in ones)")
+    p.add_argument("--limit", type=int, help="evaluate at most N questions (default: the run's held-out "
+                   "questions, else 200)")
+    p.add_argument("--max-new-tokens", type=int, help="completion length limit (default: the run's, else 256)")
     p.add_argument("--pass-k", type=int, default=4, help="samples per question for pass@k (0: skip)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic eval split and of sampling")
+    p.add_argument("--seed", type=int, help="seed of sampling and of the synthetic eval split (default: the run's, else 0)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -39,30 +47,59 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def questions(args, info: dict | None, dataset: str, seed: int) -> tuple[list, str]:
+    """The questions to score and a line saying where they come from."""
+    run_eval = info is not None and info["dataset"] == dataset
+    if dataset == "synthetic":
+        pool = synthetic.load_synthetic(seed=seed)[1]
+        if run_eval:
+            by_id = {ex.id: ex for ex in pool}
+            return [by_id[i] for i in info["eval_ids"] if i in by_id], "the run's held-out synthetic questions"
+        return pool, "the synthetic world's evaluation questions"
+    if args.data is None and not run_eval:
+        raise InputError(f"--dataset {dataset} needs --data")
+    path = args.data if args.data is not None else Path(info["eval_source"])
+    examples = LOADERS[dataset](path)
+    if run_eval and path.resolve() == Path(info["eval_source"]).resolve():
+        held_out = set(info["eval_ids"])
+        return [ex for ex in examples if ex.id in held_out], f"the run's held-out questions of {path}"
+    return examples, f"{path}"
+
+
+def run(argv=None) -> int:
     args = parse_args(argv)
-    if args.dataset == "synthetic":
-        examples = synthetic.load_synthetic(seed=args.seed)[1]
-        prompts = list(synthetic.EXPERT_PROMPTS)
-    else:
-        if args.data is None:
-            sys.exit(f"evaluate.py: --dataset {args.dataset} needs --data")
-        examples = LOADERS[args.dataset](args.data)
-        prompts = list(EXPERT_SYSTEM_PROMPTS)
+    info = read_run_info(args.model)
+    dataset = args.dataset or (info["dataset"] if info else None)
+    if dataset is None:
+        raise InputError(f"{args.model} is not a train.py checkpoint (no meml_run.json): pass --dataset")
+    seed = args.seed if args.seed is not None else (info["seed"] if info else 0)
+    examples, source = questions(args, info, dataset, seed)
     if args.system_prompts:
-        prompts = json.loads(args.system_prompts.read_text())
-    model = Transformer.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    tokenizer = Tokenizer.from_pretrained(args.model)
-    tokenizer.fit_to_model(model.config.vocab_size, source=str(args.model))
-    r = evaluate_experts(model, tokenizer, examples[:args.limit], prompts, args.dataset,
-                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                         pass_k=args.pass_k, seed=args.seed)
-    print(f"{r['num_questions']} questions, {len(prompts)} expert prompts")
+        prompts = read_system_prompts(args.system_prompts)
+    elif info is not None:
+        prompts = info["system_prompts"]
+    else:
+        prompts = list(synthetic.EXPERT_PROMPTS if dataset == "synthetic" else EXPERT_SYSTEM_PROMPTS)
+    limit = args.limit if args.limit is not None else (len(examples) if info else 200)
+    max_new_tokens = args.max_new_tokens or (info["eval_max_new_tokens"] if info else 256)
+    model, tokenizer = load(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    r = evaluate_experts(model, tokenizer, examples[:limit], prompts, dataset, max_new_tokens=max_new_tokens,
+                         batch_size=args.batch_size, pass_k=args.pass_k, seed=seed)
+    print(f"{r['num_questions']} questions ({source}), {len(prompts)} expert prompts")
     print(format_results({"greedy": r}))
     if args.json:
         args.json.write_text(json.dumps(r, indent=1))
         print(f"wrote {args.json}")
     return 0
+
+
+def main(argv=None) -> int:
+    """`run`, with a user's mistake printed as one line and exit status 2."""
+    try:
+        return run(argv)
+    except (InputError, OSError) as err:
+        print(f"evaluate.py: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

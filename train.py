@@ -12,28 +12,34 @@ On a real checkpoint and data set (Qwen2.5 or Llama 3.x in Hugging Face layout):
 
 `--preset` picks MEML-GRPO, a baseline or an ablation (meml/config.py lists them);
 `--resume RUN_DIR` continues a run from its newest checkpoint exactly where it stopped.
+Every method option is defined once, in meml/config.py; README.md "Decisions" lists the
+choices the paper leaves open and the flag that flips each.
 """
 import argparse
 import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from meml import data, synthetic, synthetic_assets
 from meml.buffer import HardExampleBuffer
-from meml.checkpoint import TRAINER_STATE, latest_checkpoint, load_trainer_state
-from meml.config import PRESETS, make_config
+from meml.checkpoint import RUN_INFO, TRAINER_STATE, latest_checkpoint, load_trainer_state
+from meml.config import PRESETS, TrainConfig, add_option_flags, make_config, overrides_from
+from meml.data import Example, ExpertAnswer
+from meml.errors import InputError
 from meml.evaluation import evaluate_experts, format_results
-from meml.mef import generate_expert_data, mef_items, sft_loss
+from meml.hf_checkpoint import write_json
+from meml.inference import load
+from meml.mef import generate_expert_data, mef_items, sft_loss, verified_answers
 from meml.model import ModelConfig, Transformer
-from meml.prompts import EXPERT_SYSTEM_PROMPTS
+from meml.prompts import EXPERT_SYSTEM_PROMPTS, read_system_prompts
 from meml.riel import World, riel_step
 from meml.tokenizer import Tokenizer
 from meml.trainer import LossNotFinite, Stage, batch_indices, make_optimizer, restore, run_stage, truncate_metrics
-
 
 
 def parse_args(argv=None):
@@ -49,119 +55,133 @@ def parse_args(argv=None):
                    help="a local teacher checkpoint that writes expert 1, 2, ... data (repeatable)")
     g.add_argument("--system-prompts", type=Path, help="JSON list of the experts' system prompts")
     g.add_argument("--train-size", type=int, help="use only the first N training questions")
-    g = p.add_argument_group("method")
     g.add_argument("--preset", default="meml-grpo", choices=list(PRESETS), help="method, baseline or ablation")
-    g.add_argument("--expert", type=int, help="ExpertX presets: which expert (default 0)")
-    g = p.add_argument_group("stage 1, MEF (E1)")
-    g.add_argument("--mef-lr", type=float, help="learning rate (paper: 1e-5)")
-    g.add_argument("--mef-epochs", type=float, help="epochs over the expert data (paper: 1)")
-    g.add_argument("--mef-steps", type=int, help="number of steps (overrides --mef-epochs)")
-    g.add_argument("--mef-schedule", choices=["constant", "cosine"], help="learning-rate decay after warm-up")
-    g.add_argument("--mef-batch-size", type=int, help="(question, expert) answers per step")
-    g = p.add_argument_group("stage 2, RIEL (E2-E7)")
-    g.add_argument("--riel-lr", type=float, help="learning rate (paper: 1e-6)")
-    g.add_argument("--riel-epochs", type=float, help="epochs over the training questions (paper: 1)")
-    g.add_argument("--riel-steps", type=int, help="number of steps (overrides --riel-epochs)")
-    g.add_argument("--questions-per-step", type=int, help="questions per RIEL step")
-    g.add_argument("--group-size", type=int, help="G: rollouts per expert per question (paper: 8)")
-    g.add_argument("--max-new-tokens", type=int, help="rollout length limit")
-    g.add_argument("--temperature", type=float, help="sampling temperature (log-probs use it too)")
-    g.add_argument("--buffer-k", type=int, help="K: a group with more than K wrong may enter the buffer (paper: 6)")
-    g.add_argument("--buffer-capacity", type=int, help="B: buffer size that triggers SFT (paper: 64)")
-    g.add_argument("--buffer-target", choices=["gold", "expert"], help="SFT target S: gold solution or the expert's answer")
-    g.add_argument("--lambda1", type=float, help="weight of the inter-expert KL (E5, default 0.1)")
-    g.add_argument("--lambda2", type=float, help="weight of the buffer's SFT loss (E6, default 1.0)")
-    g.add_argument("--beta", type=float, help="weight of the reference-model KL (E4)")
-    g.add_argument("--inter-expert-variant", choices=["sequence", "full_vocab"], help="E5 estimator")
-    g.add_argument("--micro-batch-size", type=int, help="rows per forward/backward (memory)")
-    g = p.add_argument_group("evaluation (E8)")
-    g.add_argument("--eval-size", type=int, help="questions to evaluate on")
-    g.add_argument("--pass-k", type=int, help="samples per question for pass@k (0: skip)")
-    g.add_argument("--eval-max-new-tokens", type=int, help="completion length limit when evaluating")
     g = p.add_argument_group("run")
     g.add_argument("--output", type=Path, default=Path("runs/default"), help="run folder (checkpoints, logs)")
-    g.add_argument("--resume", type=Path, help="run folder (or checkpoint folder) to continue from")
-    g.add_argument("--seed", type=int, help="seed for data order, sampling and the buffer")
-    g.add_argument("--save-every", type=int, help="checkpoint every N steps")
-    g.add_argument("--sample-every", type=int, help="log a completion every N RIEL steps")
-    g.add_argument("--threads", type=int, help="torch CPU threads (synthetic default: 1)")
+    g.add_argument("--resume", type=Path, help="run folder to continue from (with its own arguments)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the model lives (default: cuda when available)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="parameter dtype (bfloat16 halves memory on GPU; optimizer states follow it)")
+    add_option_flags(p)  # every method option of meml/config.py, grouped by stage
     return p.parse_args(argv)
 
 
-def overrides_from(args) -> dict:
-    names = {"expert": "expert", "mef_lr": "mef_lr", "mef_epochs": "mef_epochs", "mef_steps": "mef_steps",
-             "mef_schedule": "mef_schedule", "riel_steps": "riel_steps", "threads": "threads", "mef_batch_size": "mef_batch_size",
-             "riel_lr": "riel_lr", "riel_epochs": "riel_epochs", "eval_size": "eval_size", "pass_k": "pass_k",
-             "eval_max_new_tokens": "eval_max_new_tokens",
-             "seed": "seed", "save_every": "save_every", "sample_every": "sample_every",
-             "questions_per_step": "riel.questions_per_step", "group_size": "riel.group_size",
-             "max_new_tokens": "riel.max_new_tokens", "temperature": "riel.temperature",
-             "buffer_k": "riel.buffer_k", "buffer_capacity": "riel.buffer_capacity",
-             "buffer_target": "riel.buffer_target", "lambda1": "riel.inter_expert_weight",
-             "lambda2": "riel.sft_weight", "beta": "riel.beta",
-             "inter_expert_variant": "riel.inter_expert_variant", "micro_batch_size": "riel.micro_batch_size"}
-    return {key: getattr(args, arg) for arg, key in names.items() if getattr(args, arg) is not None}
+# ---------------------------------------------------------------------------------------------
+# What a run trains on
+
+@dataclass
+class Task:
+    """Everything a run trains and evaluates on, built once from its arguments."""
+    model_dir: Path                 # where the tokenizer and config come from
+    model: Transformer
+    tokenizer: Tokenizer
+    dataset: str                    # verifier name (meml.rewards)
+    train: list[Example]
+    evals: list[Example]
+    eval_source: str                # the file the held-out questions come from ("synthetic" for the world)
+    answers: list[ExpertAnswer]     # verified reference answers of every expert (D1)
+    dropped: dict[int, int]         # expert -> answers dropped as wrong
+    system_prompts: list[str]       # P_i of the experts taking part
+    experts: list[int]              # experts[k]: the expert whose answers train prompt k
 
 
-def build_world(args, cfg, run_dir: Path, device, dtype):
-    """(model_dir, fresh-or-loaded model, tokenizer, train, eval, expert answers, prompts, dataset)."""
+def split_questions(examples: list[Example], path: Path, eval_size: int) -> tuple[list, list]:
+    """(train, held out): the last eval_size questions of the file are held out. A file that
+    would leave nothing to train on is an error naming it and the numbers."""
+    if not examples:
+        raise InputError(f"{path} holds no questions")
+    if eval_size >= len(examples):
+        raise InputError(f"{path} holds {len(examples)} questions and --eval-size {eval_size} holds out "
+                         f"the last {eval_size} for evaluation, leaving none to train on; pass a smaller "
+                         "--eval-size or the held-out questions as --eval-data")
+    return examples[:len(examples) - eval_size], examples[len(examples) - eval_size:]
+
+
+def build_task(args, cfg: TrainConfig, run_dir: Path, device, dtype) -> Task:
+    """The model, tokenizer, questions and expert answers of this run."""
     if args.model is None:  # the built-in synthetic world: assets written once into the run folder
         model_dir = synthetic_assets.write_synthetic_assets(run_dir / "synthetic", seed=cfg.seed)
         train, evals, answers = synthetic.load_synthetic(seed=cfg.seed)
+        evals, eval_source = evals[:cfg.eval_size], "synthetic"
         prompts, dataset = list(synthetic.EXPERT_PROMPTS), "synthetic"
         torch.manual_seed(cfg.seed)
         model = Transformer(ModelConfig.from_json(model_dir / "config.json"))
         model.init_weights()
         model = model.to(device=device, dtype=dtype)
+        tokenizer = Tokenizer.from_pretrained(model_dir)
+        tokenizer.fit_to_model(model.config.vocab_size, source=str(model_dir))
     else:
         if args.dataset is None or args.data is None:
-            sys.exit("train.py: --model needs --dataset and --data")
-        model_dir = args.model
-        model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device)
-        examples = data.LOADERS[args.dataset](args.data)
+            raise InputError("--model needs --dataset and --data")
+        model_dir, dataset = args.model, args.dataset
+        model, tokenizer = load(model_dir, device=device, dtype=dtype)
+        examples = data.LOADERS[dataset](args.data)
         if args.eval_data:
-            train, evals = examples, data.LOADERS[args.dataset](args.eval_data)[:cfg.eval_size]
+            train, evals, eval_source = examples, data.LOADERS[dataset](args.eval_data)[:cfg.eval_size], args.eval_data
         else:
-            train, evals = examples[:-cfg.eval_size], examples[-cfg.eval_size:]
-        dataset = args.dataset
-        prompts = json.loads(args.system_prompts.read_text()) if args.system_prompts else list(EXPERT_SYSTEM_PROMPTS)
-        answers = [data.ExpertAnswer(ex.id, 0, ex.solution) for ex in train]  # Expert0: gold (METHOD.md)
+            train, evals = split_questions(examples, args.data, cfg.eval_size)
+            eval_source = args.data
+        if not train:
+            raise InputError(f"{args.data} holds no questions")
+        prompts = read_system_prompts(args.system_prompts) if args.system_prompts else list(EXPERT_SYSTEM_PROMPTS)
+        answers = [ExpertAnswer(ex.id, 0, ex.solution) for ex in train]  # Expert0: the gold solutions
         known = {ex.id for ex in examples}
         for path in args.expert_data:
             loaded = data.load_expert_jsonl(path)
             unknown = [a.id for a in loaded if a.id not in known]
             if unknown:
-                sys.exit(f"train.py: {path}: {len(unknown)} answers name questions that are not in {args.data} "
-                         f"(first: {unknown[0]!r}); ids are <dataset>-<file stem>-<line or record number>")
+                raise InputError(f"{path}: {len(unknown)} answers name questions that are not in {args.data} "
+                                 f"(first: {unknown[0]!r}); ids are those meml.data gives the questions of "
+                                 f"--data: {examples[0].id!r} for its first")
             answers += loaded
-    if args.train_size:
+    if args.train_size is not None:
         train = train[:args.train_size]
+        if not train:
+            raise InputError(f"--train-size {args.train_size} leaves no question to train on")
     in_train = {ex.id for ex in train}
     answers = [a for a in answers if a.id in in_train]  # answers to held-out questions never train
-    tokenizer = Tokenizer.from_pretrained(model_dir)
-    tokenizer.fit_to_model(model.config.vocab_size, source=str(model_dir))
+    answers += teacher_answers(args, cfg, run_dir, train, prompts, dataset, device, dtype)
+    answers, dropped = verified_answers(answers, train, dataset)
+    experts = [cfg.expert] if cfg.single_expert else list(range(len(prompts)))
+    if max(experts) >= len(prompts):
+        raise InputError(f"--expert {cfg.expert}: there are only {len(prompts)} expert prompts")
+    return Task(model_dir, model, tokenizer, dataset, train, evals, str(eval_source), answers, dropped,
+                [prompts[i] for i in experts], experts)
+
+
+def teacher_answers(args, cfg, run_dir, train, prompts, dataset, device, dtype) -> list[ExpertAnswer]:
+    """--teacher DIR (repeatable): expert n's answers written by a local checkpoint, verified,
+    saved as run_dir/expert<n>.jsonl (and read back from there on --resume)."""
+    answers = []
     for n, teacher_dir in enumerate(args.teacher, start=1):
+        if n >= len(prompts):
+            raise InputError(f"--teacher {teacher_dir}: teacher {n} would write expert {n}'s data, "
+                             f"but there are only {len(prompts)} expert prompts")
         path = run_dir / f"expert{n}.jsonl"
         if path.exists():  # written by an earlier start of this run (e.g. before a --resume)
             answers += data.load_expert_jsonl(path)
             continue
-        teacher = Transformer.from_pretrained(teacher_dir, dtype=dtype, device=device)
-        teacher_tokenizer = Tokenizer.from_pretrained(teacher_dir)
-        teacher_tokenizer.fit_to_model(teacher.config.vocab_size, source=str(teacher_dir))
+        teacher, teacher_tokenizer = load(teacher_dir, device=device, dtype=dtype)
         generated = generate_expert_data(teacher, teacher_tokenizer, train, prompts[n], n, dataset,
                                          max_new_tokens=cfg.riel.max_new_tokens,
                                          generator=torch.Generator(device=device).manual_seed(cfg.seed))
         data.write_expert_jsonl(path, generated)
         print(f"teacher {teacher_dir}: {len(generated)}/{len(train)} verified answers -> {path}")
         answers += generated
-    if cfg.single_expert:
-        prompts = [prompts[cfg.expert]]
-    return model_dir, model, tokenizer, train, evals[:cfg.eval_size], answers, prompts, dataset
+    return answers
 
+
+def write_run_info(run_dir: Path, task: Task, cfg: TrainConfig) -> None:
+    """What evaluate.py needs to score this run's checkpoints on this run's terms (RUN_INFO)."""
+    info = {"dataset": task.dataset, "seed": cfg.seed, "system_prompts": task.system_prompts,
+            "eval_source": task.eval_source, "eval_ids": [ex.id for ex in task.evals],
+            "eval_max_new_tokens": cfg.eval_max_new_tokens}
+    write_json(run_dir / RUN_INFO, info)  # atomically
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages
 
 def resume_stage(state: dict | None, stage: Stage, optimizer, checkpoint: Path | None) -> int:
     """The step to start `stage` at: the checkpoint's step if it was written during this stage
@@ -172,15 +192,84 @@ def resume_stage(state: dict | None, stage: Stage, optimizer, checkpoint: Path |
     try:
         step = restore(state, stage, optimizer)
     except ValueError as err:
-        sys.exit(f"train.py: cannot resume from {checkpoint / TRAINER_STATE}: {err}")
+        raise InputError(f"cannot resume from {checkpoint / TRAINER_STATE}: {err}") from None
     truncate_metrics(checkpoint.parent / "metrics.jsonl", state["stage"], state["step"])
     return step
 
 
-def evaluate(model, tokenizer, evals, prompts, dataset, cfg) -> dict:
-    return evaluate_experts(model, tokenizer, evals, prompts, dataset, max_new_tokens=cfg.eval_max_new_tokens,
-                            pass_k=cfg.pass_k, seed=cfg.seed)
+def evaluate(task: Task, cfg: TrainConfig) -> dict:
+    return evaluate_experts(task.model, task.tokenizer, task.evals, task.system_prompts, task.dataset,
+                            max_new_tokens=cfg.eval_max_new_tokens, pass_k=cfg.pass_k, seed=cfg.seed)
 
+
+def mef_steps_of(task: Task, cfg: TrainConfig) -> int:
+    items = sum(a.expert in task.experts for a in task.answers)
+    return cfg.mef_steps if cfg.mef_steps is not None else math.ceil(items * cfg.mef_epochs / cfg.mef_batch_size)
+
+
+def run_mef(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, checkpoint: Path | None) -> None:
+    """Stage 1, E1: SFT of every expert prompt on its expert's verified answers."""
+    items = mef_items(task.tokenizer, task.train, task.answers, task.system_prompts, task.dataset, task.experts)
+    steps = mef_steps_of(task, cfg)
+    print(f"MEF: {len(items)} answers from experts {task.experts} (dropped as wrong: "
+          f"{ {i: task.dropped.get(i, 0) for i in task.experts} }), {steps} steps")
+    if not items and steps:
+        raise InputError(f"MEF has no verified answer to train on for experts {task.experts}")
+    stage = Stage("mef", steps, cfg.mef_lr, cfg.save_every, cfg.grad_clip, cfg.weight_decay,
+                  cfg.warmup_steps, cfg.mef_schedule)
+    optimizer = make_optimizer(task.model, stage)
+    start = resume_stage(state, stage, optimizer, checkpoint)
+
+    def mef_step(step):
+        batch = [items[i] for i in batch_indices(len(items), cfg.mef_batch_size, step, cfg.seed)]
+        t0 = time.time()
+        loss, tokens = sft_loss(task.model, task.tokenizer, batch, cfg.riel.micro_batch_size)
+        return torch.tensor(loss), {"loss/nll": loss, "tokens_per_second": tokens / (time.time() - t0)}
+
+    task.model.train()
+    run_stage(stage, task.model, optimizer, mef_step, run_dir=run_dir, tokenizer_dir=task.model_dir,
+              start_step=start, log_every=max(1, steps // 20))
+
+
+def run_riel(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, checkpoint: Path | None,
+             mef_steps: int, carry: dict, device, dtype) -> None:
+    """Stage 2, E2-E7: `riel_step` on batches of questions, one optimizer step each."""
+    r = cfg.riel
+    steps = cfg.riel_steps if cfg.riel_steps is not None else math.ceil(len(task.train) * cfg.riel_epochs / r.questions_per_step)
+    print(f"RIEL ({cfg.preset}): {steps} steps x {r.questions_per_step} questions x "
+          f"{len(task.system_prompts)} experts x G={r.group_size}")
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    buffer = HardExampleBuffer(r.buffer_capacity, r.buffer_k, r.group_size, cfg.seed) if r.hard_example_buffer else None
+    hidden = [name for name, off in [("loss/ref_kl", r.beta == 0), ("loss/inter_expert_kl", r.lambda1 == 0),
+                                     ("loss/sft", buffer is None)] if off]
+    stage = Stage("riel", steps, cfg.riel_lr, cfg.save_every, cfg.grad_clip, cfg.weight_decay, 0,
+                  step_offset=mef_steps, generators={"sampling": generator},
+                  extra_state={"buffer": buffer} if buffer is not None else {}, hidden_losses=tuple(hidden))
+    ref_model = None
+    if r.beta > 0:  # E4's reference: the policy as RIEL starts, kept on disk for resume
+        ref_dir = run_dir / "reference"
+        if checkpoint is None or state["stage"] != "riel":
+            task.model.save_pretrained(ref_dir)
+        ref_model = Transformer.from_pretrained(ref_dir, dtype=dtype, device=device).eval()
+        ref_model.requires_grad_(False)
+    optimizer = make_optimizer(task.model, stage)
+    start = resume_stage(state, stage, optimizer, checkpoint)
+    by_id = {ex.id: ex for ex in task.train}
+    world = World(task.tokenizer, task.system_prompts, task.dataset,
+                  {(a.id, task.experts.index(a.expert)): a.response for a in task.answers if a.expert in task.experts})
+
+    def riel_step_at(step):
+        idx = batch_indices(len(task.train), r.questions_per_step, step, cfg.seed + 1)
+        return riel_step(task.model, world, [task.train[i] for i in idx], r, generator, buffer, by_id, ref_model)
+
+    steps_per_epoch = max(1, len(task.train) // r.questions_per_step)
+    run_stage(stage, task.model, optimizer, riel_step_at, run_dir=run_dir, tokenizer_dir=task.model_dir,
+              start_step=start, carry=carry, sample_every=cfg.sample_every,
+              log_every=max(1, min(steps_per_epoch, steps) // 20))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
 
 def print_table(results: dict, riel_summary: dict | None, elapsed: float) -> None:
     if all(r is None for r in results.values()):
@@ -212,111 +301,71 @@ def summarise_riel(metrics_path: Path, num_experts: int) -> dict | None:
             "active_questions": sum(r.get("inter_expert/active_questions", 0) for r in rows)}
 
 
-def main(argv=None) -> int:
+# ---------------------------------------------------------------------------------------------
+
+def run(argv=None) -> int:
     started = time.time()
     args = parse_args(argv)
-    if args.resume:  # a resumed run is the same run: its own arguments, read back from its folder
+    # 1. The run's arguments: a resumed run is the same run, its arguments read back from its folder.
+    if args.resume:
         saved = args.resume / "args.json"
         if not saved.exists():
-            sys.exit(f"train.py: {saved} not found: --resume takes the run folder of an earlier train.py run")
+            raise InputError(f"{saved} not found: --resume takes the run folder of an earlier train.py run")
         args = parse_args(json.loads(saved.read_text()) + ["--resume", str(args.resume)])
-    else:
+    cfg = make_config(args.preset, synthetic=args.model is None, overrides=overrides_from(args))
+    if not args.resume:
         args.output.mkdir(parents=True, exist_ok=True)
         (args.output / "args.json").write_text(json.dumps(sys.argv[1:] if argv is None else list(argv)))
-    try:
-        cfg = make_config(args.preset, synthetic=args.model is None, overrides=overrides_from(args))
-    except ValueError as err:
-        sys.exit(f"train.py: {err}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = args.resume if args.resume else args.output
-    resume_from, state = None, None
+    checkpoint, state = None, None
     if args.resume:
-        resume_from = latest_checkpoint(run_dir)
-        if resume_from is None:
-            sys.exit(f"train.py: no complete checkpoint in {run_dir} to resume from")
-        state = load_trainer_state(resume_from)
-        print(f"resuming from {resume_from} (stage {state['stage']}, step {state['step']})")
-    model_dir, model, tok, train, evals, answers, prompts, dataset = build_world(args, cfg, run_dir, device, dtype)
-    if resume_from is not None:
-        model.load_state_dict(Transformer.from_pretrained(resume_from, dtype=dtype, device=device).state_dict())
-    stage_of_resume = state["stage"] if resume_from is not None else None
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise InputError(f"no complete checkpoint in {run_dir} to resume from")
+        state = load_trainer_state(checkpoint)
+        print(f"resuming from {checkpoint} (stage {state['stage']}, step {state['step']})")
+    # 2. What the run trains on; the weights of the checkpoint it resumes from.
+    task = build_task(args, cfg, run_dir, device, dtype)
+    write_run_info(run_dir, task, cfg)
+    if checkpoint is not None:
+        task.model.load_state_dict(Transformer.from_pretrained(checkpoint, dtype=dtype, device=device).state_dict())
+    resumed_in_riel = checkpoint is not None and state["stage"] == "riel"
     results = {"after MEF": None, "after RIEL": None}
-    mef_steps = 0
-    try:
-        # ---- Stage 1: MEF (E1) ----
-        if cfg.run_mef:
-            experts = [cfg.expert] if cfg.single_expert else list(range(len(prompts)))
-            items, dropped = mef_items(tok, train, answers, prompts, dataset, experts)
-            mef_steps = cfg.mef_steps if cfg.mef_steps is not None else math.ceil(len(items) * cfg.mef_epochs / cfg.mef_batch_size)
-            if stage_of_resume != "riel":
-                print(f"MEF: {len(items)} answers from experts {experts} (dropped as wrong: {dropped}), {mef_steps} steps")
-                stage = Stage("mef", mef_steps, cfg.mef_lr, cfg.save_every, cfg.grad_clip, cfg.weight_decay,
-                              cfg.warmup_steps, cfg.mef_schedule)
-                optimizer = make_optimizer(model, stage)
-                start = resume_stage(state, stage, optimizer, resume_from)
-
-                def mef_step(step):
-                    batch = [items[i] for i in batch_indices(len(items), cfg.mef_batch_size, step, cfg.seed)]
-                    t0 = time.time()
-                    loss, tokens = sft_loss(model, tok, batch, cfg.riel.micro_batch_size)
-                    return torch.tensor(loss), {"loss/nll": loss, "tokens_per_second": tokens / (time.time() - t0)}
-
-                model.train()
-                run_stage(stage, model, optimizer, mef_step, run_dir=run_dir, tokenizer_dir=model_dir,
-                          start_step=start, log_every=max(1, mef_steps // 20))
-                del optimizer
-            results["after MEF"] = (state["carry"]["after MEF"] if stage_of_resume == "riel"
-                                    else evaluate(model, tok, evals, prompts, dataset, cfg))
-        # ---- Stage 2: RIEL (E2-E7) ----
-        if cfg.run_riel:
-            riel_steps = cfg.riel_steps if cfg.riel_steps is not None else math.ceil(len(train) * cfg.riel_epochs / cfg.riel.questions_per_step)
-            print(f"RIEL ({cfg.preset}): {riel_steps} steps x {cfg.riel.questions_per_step} questions x "
-                  f"{len(prompts)} experts x G={cfg.riel.group_size}")
-            generator = torch.Generator(device=device).manual_seed(cfg.seed)
-            buffer = (HardExampleBuffer(cfg.riel.buffer_capacity, cfg.riel.buffer_k, cfg.riel.group_size, cfg.seed)
-                      if cfg.riel.use_buffer else None)
-            stage = Stage("riel", riel_steps, cfg.riel_lr, cfg.save_every, cfg.grad_clip, cfg.weight_decay, 0,
-                          step_offset=mef_steps, generators={"sampling": generator},
-                          extra_state={"buffer": buffer} if buffer is not None else {},
-                          hidden_losses=tuple(name for name, off in [("loss/ref_kl", cfg.riel.beta == 0),
-                                                                     ("loss/inter_expert_kl", cfg.riel.inter_expert_weight == 0),
-                                                                     ("loss/sft", buffer is None)] if off))
-            ref_model = None
-            if cfg.riel.beta > 0:  # E4's reference: the policy as RIEL starts, kept on disk for resume
-                ref_dir = run_dir / "reference"
-                if stage_of_resume != "riel":
-                    model.save_pretrained(ref_dir)
-                ref_model = Transformer.from_pretrained(ref_dir, dtype=dtype, device=device).eval()
-                ref_model.requires_grad_(False)
-            optimizer = make_optimizer(model, stage)
-            start = resume_stage(state, stage, optimizer, resume_from)
-            by_id = {ex.id: ex for ex in train}
-            expert_of = [cfg.expert] if cfg.single_expert else list(range(len(prompts)))
-            world = World(tok, prompts, dataset,
-                          {(a.id, expert_of.index(a.expert)): a.response for a in answers if a.expert in expert_of})
-            steps_per_epoch = max(1, len(train) // cfg.riel.questions_per_step)
-
-            def step_fn(step):
-                idx = batch_indices(len(train), cfg.riel.questions_per_step, step, cfg.seed + 1)
-                return riel_step(model, world, [train[i] for i in idx], cfg.riel, generator, buffer, by_id, ref_model)
-
-            run_stage(stage, model, optimizer, step_fn, run_dir=run_dir, tokenizer_dir=model_dir, start_step=start,
-                      carry={"after MEF": results["after MEF"]}, sample_every=cfg.sample_every,
-                      log_every=max(1, min(steps_per_epoch, riel_steps) // 20))
-            results["after RIEL"] = evaluate(model, tok, evals, prompts, dataset, cfg)
-    except LossNotFinite as err:
-        print(f"train.py: {err}", file=sys.stderr)
-        return 1
+    # 3. Stage 1, MEF (E1).
+    mef_steps = mef_steps_of(task, cfg) if cfg.run_mef else 0
+    if cfg.run_mef:
+        if not resumed_in_riel:
+            run_mef(task, cfg, run_dir, state, checkpoint)
+        results["after MEF"] = state["carry"]["after MEF"] if resumed_in_riel else evaluate(task, cfg)
+    # 4. Stage 2, RIEL (E2-E7).
+    if cfg.run_riel:
+        run_riel(task, cfg, run_dir, state, checkpoint, mef_steps, {"after MEF": results["after MEF"]}, device, dtype)
+        results["after RIEL"] = evaluate(task, cfg)
+    # 5. Report (E8).
     if not cfg.run_mef and not cfg.run_riel:
         return 0
-    riel_summary = summarise_riel(run_dir / "metrics.jsonl", len(prompts)) if cfg.run_riel else None
+    riel_summary = summarise_riel(run_dir / "metrics.jsonl", len(task.system_prompts)) if cfg.run_riel else None
     (run_dir / "results.json").write_text(json.dumps({"preset": cfg.preset, "results": results,
                                                       "riel_summary": riel_summary}, indent=1))
     print_table(results, riel_summary, time.time() - started)
     print(f"results: {run_dir / 'results.json'}; metrics: {run_dir / 'metrics.jsonl'}")
     return 0
+
+
+def main(argv=None) -> int:
+    """`run`, with a user's mistake printed as one line (exit 2) and a non-finite loss as exit 1;
+    anything else is a bug and keeps its traceback."""
+    try:
+        return run(argv)
+    except (InputError, OSError) as err:
+        print(f"train.py: {err}", file=sys.stderr)
+        return 2
+    except LossNotFinite as err:
+        print(f"train.py: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

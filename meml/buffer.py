@@ -16,6 +16,10 @@ from typing import Any
 
 import torch
 
+from meml.errors import InputError
+
+TARGETS = ("gold", "expert")  # the SFT target S: gold worked solution, or expert i's verified answer
+
 
 class HardExampleBuffer:
     """E6 buffer. capacity = B (64), k = K (6), g = G (8): insertion probability k / g."""
@@ -75,7 +79,7 @@ class HardExampleBuffer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name in ("capacity", "k", "g"):
             if state[name] != getattr(self, name):
-                raise ValueError(f"buffer checkpoint has {name}={state[name]} but this buffer "
+                raise InputError(f"buffer checkpoint has {name}={state[name]} but this buffer "
                                  f"was built with {name}={getattr(self, name)}; build it with "
                                  f"the checkpoint's settings to resume")
         self.items = list(state["items"])

@@ -3,6 +3,7 @@
 A checkpoint is a folder `checkpoint-000012/` inside the run folder holding
 - the model in Hugging Face layout (config.json + model.safetensors) and the tokenizer files,
   so `evaluate.py --model` and `transformers` load it as they would any checkpoint;
+- `meml_run.json`: the run's data set, expert prompts and held-out question ids (evaluate.py);
 - `trainer_state.pt`: optimizer state, every random generator's state, the hard-example
   buffer, the data position and the step, i.e. everything a resumed run needs to take the same
   path as an uninterrupted one.
@@ -11,6 +12,7 @@ Atomicity: everything is written into a hidden temporary folder beside the final
 to disk, and only then renamed into place. A run killed mid-write leaves at most a stray
 temporary folder, which `latest_checkpoint` ignores; the previous checkpoint stays intact.
 """
+import json
 import os
 import re
 import shutil
@@ -19,7 +21,13 @@ from pathlib import Path
 import torch
 
 TRAINER_STATE = "trainer_state.pt"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+# Everything `meml.tokenizer.Tokenizer.from_pretrained` reads (chat_template.jinja wins over the
+# template in tokenizer_config.json when present), copied from the checkpoint training started from.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
+# What evaluate.py needs to score a checkpoint as its run did: the data set, the experts' system
+# prompts and the held-out questions. Written by train.py into the run folder, copied into every
+# checkpoint so that a checkpoint moved elsewhere still knows.
+RUN_INFO = "meml_run.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -43,6 +51,8 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer_dir: Path, traine
     for name in TOKENIZER_FILES:
         if (Path(tokenizer_dir) / name).exists():
             shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
+    if (run_dir / RUN_INFO).exists():
+        shutil.copyfile(run_dir / RUN_INFO, tmp / RUN_INFO)
     torch.save(trainer_state, tmp / TRAINER_STATE)
     _fsync_tree(tmp)
     if final.exists():  # the same step saved again (e.g. after a resume): replace it
@@ -74,3 +84,9 @@ def load_trainer_state(checkpoint_dir: Path) -> dict:
         raise FileNotFoundError(f"{path} not found: {checkpoint_dir} is not a complete meml "
                                 f"checkpoint (expected config.json, model.safetensors, {TRAINER_STATE})")
     return torch.load(path, weights_only=True)
+
+
+def read_run_info(checkpoint_dir: Path) -> dict | None:
+    """The run information a checkpoint carries (see RUN_INFO), or None for other checkpoints."""
+    path = Path(checkpoint_dir) / RUN_INFO
+    return json.loads(path.read_text()) if path.is_file() else None

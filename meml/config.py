@@ -1,7 +1,13 @@
-"""One config for a training run, and the presets for MEML-GRPO, its baselines and ablations.
+"""Every training option, defined once; the presets for MEML-GRPO, its baselines and ablations.
 
-Every preset is the same two stages with some parts switched off or swapped (METHOD.md,
-"Baselines"), so a preset is only a handful of overrides on `TrainConfig`:
+An option is a dataclass field whose metadata carries its command-line help, its allowed values
+and its bounds (`option` below). From that one definition come the `train.py` flag (the field
+name with dashes: `clip_eps` -> `--clip-eps`), its default, its help text and its validation,
+so nothing is written twice. Allowed values are the tuples of the modules that implement them
+(`meml.losses.AGGREGATIONS`, `meml.advantage.SCALES`, ...).
+
+Every preset is the same two stages with some parts switched off or swapped, so a preset is
+only a handful of overrides on `TrainConfig`:
 
   preset               MEF experts   RIEL loss                             E5   E6   E4 β
   expert-sft           one (X)       -                                     -    -    -
@@ -16,51 +22,111 @@ Every preset is the same two stages with some parts switched off or swapped (MET
   meml-no-mef          none          as meml-grpo                          on   on   0
 
 The dataclass defaults are the paper's settings (lr 1e-5 MEF, 1e-6 RIEL, G = 8, K = 6, B = 64,
-one epoch each). The built-in synthetic world trains a tiny model from scratch, which needs
-larger learning rates and fewer, shorter rollouts to fit a 2-core CPU: SYNTHETIC_SETTINGS.
+one epoch each) and the decisions of README.md "Decisions" (D1..). The built-in synthetic world
+trains a tiny model from scratch, which needs larger learning rates and fewer, shorter rollouts
+to fit a 2-core CPU: SYNTHETIC_SETTINGS. Precedence: dataclass default < synthetic settings <
+preset < flags given on the command line.
 """
+import argparse
+import typing
 from dataclasses import dataclass, field, fields, replace
 
-from meml.riel import RielConfig
+from meml.advantage import SCALES
+from meml.buffer import TARGETS
+from meml.errors import InputError
+from meml.kl import ESTIMATORS, INTER_EXPERT_VARIANTS
+from meml.losses import AGGREGATIONS, POLICY_LOSSES
+
+SCHEDULES = ("constant", "cosine")
+
+
+def option(default, help: str, *, choices: tuple | None = None, at_least: float | None = None,
+           above: float | None = None, at_most: float | None = None, section: str | None = None):
+    """A config field that is also a command-line flag: its help, allowed values and bounds."""
+    return field(default=default, metadata={"help": help, "choices": choices, "at_least": at_least,
+                                            "above": above, "at_most": at_most, "section": section})
+
+
+@dataclass
+class RielConfig:
+    """Stage 2 (E2-E7): how rollouts are sampled and which loss parts a step minimises."""
+    # sampling (Stage 2a)
+    questions_per_step: int = option(8, "questions per RIEL step", at_least=1,
+                                     section="RIEL rollouts (stage 2a)")
+    group_size: int = option(8, "G: rollouts per expert per question (paper: 8)", at_least=2)
+    max_new_tokens: int = option(256, "rollout length limit, in tokens", at_least=1)
+    temperature: float = option(1.0, "sampling temperature; log-probs use the same one", above=0)
+    top_k: int = option(0, "sample among the k most likely ids (0: all)", at_least=0)
+    top_p: float = option(1.0, "nucleus sampling: the smallest set of ids holding mass p (1: all)",
+                          above=0, at_most=1)
+    # E2, E3 / E3'
+    advantage_scale: str = option("none", "E2: divide r - mean by nothing (paper), the group's std "
+                                  "(GRPO) or the batch's std [D3]", choices=SCALES,
+                                  section="RIEL loss (E2-E7; [Dn]: README.md, Decisions)")
+    advantage_eps: float = option(1e-6, "E2: eps added to the std [D3]", at_least=0)
+    positive_only: bool = option(True, "E3: reinforce only above-mean rollouts, max(A, 0) (paper) [D4]")
+    loss: str = option("paper", "policy loss: the paper's E3 or the clipped surrogate E3' [D5]",
+                       choices=POLICY_LOSSES)
+    clip_eps: float = option(0.2, "E3': the ratio is clipped to [1 - eps, 1 + eps]", above=0, at_most=1)
+    aggregation: str = option("seq_mean_token_mean", "how per-token terms of E3/E4 become one number [D6]",
+                              choices=AGGREGATIONS)
+    beta: float = option(0.0, "weight of the reference-model KL, E4 (0 in MEML, 0.04 for GRPO)", at_least=0)
+    kl_estimator: str = option("k3", "E4's per-token estimator", choices=ESTIMATORS)
+    # E5
+    lambda1: float = option(0.1, "weight of the inter-expert KL, E5 (0: off) [D9]", at_least=0)
+    inter_expert_variant: str = option("sequence", "E5: one-sample sequence estimate or exact per-token "
+                                       "KL over the vocabulary [D8]", choices=INTER_EXPERT_VARIANTS)
+    # E6
+    hard_example_buffer: bool = option(True, "the hard-example buffer, E6")
+    buffer_k: int = option(6, "K: a group with more than K of G wrong may enter the buffer [D10]", at_least=0)
+    buffer_capacity: int = option(64, "B: buffer size that triggers SFT (paper: 64)", at_least=1)
+    buffer_target: str = option("gold", "SFT target: the gold worked solution or expert i's own verified "
+                                "answer [D11]", choices=TARGETS)
+    lambda2: float = option(1.0, "weight of the buffer's SFT loss, E6 [D9]", at_least=0)
+    # memory
+    micro_batch_size: int = option(64, "rows per forward/backward (memory only: the gradient is the same)",
+                                   at_least=1, section="memory")
+    rollout_batch_size: int = option(256, "rows per sampler call (memory only)", at_least=1)
 
 
 @dataclass
 class TrainConfig:
-    preset: str = "meml-grpo"
-    expert: int = 0                   # ExpertX presets: which expert's data and prompt
-    run_mef: bool = True
-    run_riel: bool = True
-    single_expert: bool = False       # ExpertX presets
-    seed: int = 0
-    threads: int | None = None        # torch CPU threads (None: torch's default)
+    preset: str = "meml-grpo"         # set by --preset
+    run_mef: bool = True              # set by the preset
+    run_riel: bool = True             # set by the preset
+    single_expert: bool = False       # set by the ExpertX presets
+    expert: int = option(0, "ExpertX presets: which expert's data and prompt", at_least=0, section="method")
+    seed: int = option(0, "seed for data order, sampling and the buffer",
+                       section="seed, threads, checkpoints")
+    threads: int | None = option(None, "torch CPU threads (None: torch's choice)", at_least=1)
+    save_every: int = option(50, "checkpoint every N steps", at_least=1)
+    sample_every: int = option(10, "log a completion every N RIEL steps", at_least=1)
     # Stage 1, MEF (E1)
-    mef_lr: float = 1e-5
-    mef_epochs: float = 1.0
-    mef_batch_size: int = 16
-    mef_steps: int | None = None      # overrides mef_epochs
-    mef_schedule: str = "constant"    # "constant" | "cosine"
+    mef_lr: float = option(1e-5, "MEF learning rate (paper: 1e-5)", above=0, section="stage 1, MEF (E1)")
+    mef_epochs: float = option(1.0, "epochs over the expert data (paper: 1)", above=0)
+    mef_steps: int | None = option(None, "number of MEF steps (overrides --mef-epochs)", at_least=0)
+    mef_batch_size: int = option(16, "(question, expert) answers per MEF step", at_least=1)
+    mef_schedule: str = option("constant", "MEF learning rate after warm-up", choices=SCHEDULES)
+    warmup_steps: int = option(0, "MEF linear warm-up steps", at_least=0)
     # Stage 2, RIEL (E2-E7)
-    riel_lr: float = 1e-6
-    riel_epochs: float = 1.0
-    riel_steps: int | None = None     # overrides riel_epochs
+    riel_lr: float = option(1e-6, "RIEL learning rate (paper: 1e-6)", above=0,
+                            section="stage 2, RIEL (E2-E7)")
+    riel_epochs: float = option(1.0, "epochs over the training questions (paper: 1)", above=0)
+    riel_steps: int | None = option(None, "number of RIEL steps (overrides --riel-epochs)", at_least=0)
     riel: RielConfig = field(default_factory=RielConfig)
-    # optimisation
-    grad_clip: float = 1.0
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
+    # optimisation, both stages
+    grad_clip: float = option(1.0, "clip the gradient's global norm to this", above=0,
+                              section="optimiser (both stages)")
+    weight_decay: float = option(0.0, "AdamW weight decay", at_least=0)
     # evaluation (E8)
-    eval_size: int = 200
-    eval_max_new_tokens: int = 256
-    pass_k: int = 4                   # samples per question for pass@k (0: skip)
-    # run
-    save_every: int = 50
-    log_every: int = 1
-    sample_every: int = 10
+    eval_size: int = option(200, "held-out questions to evaluate on", at_least=0, section="evaluation (E8)")
+    eval_max_new_tokens: int = option(256, "completion length limit when evaluating", at_least=1)
+    pass_k: int = option(4, "samples per question for pass@k (0: skip)", at_least=0)
 
 
 _GRPO = {"riel.loss": "clipped", "riel.advantage_scale": "group_std", "riel.positive_only": False,
-         "riel.aggregation": "seq_mean_token_mean", "riel.inter_expert_weight": 0.0,
-         "riel.use_buffer": False, "riel.beta": 0.04}
+         "riel.aggregation": "seq_mean_token_mean", "riel.lambda1": 0.0,
+         "riel.hard_example_buffer": False, "riel.beta": 0.04}
 _DR_GRPO = {**_GRPO, "riel.advantage_scale": "none", "riel.aggregation": "dr_grpo", "riel.beta": 0.0}
 _ONE = {"single_expert": True}
 
@@ -72,8 +138,8 @@ PRESETS: dict[str, dict] = {
     "moe-sft-grpo": _GRPO,
     "moe-sft-dr-grpo": _DR_GRPO,
     "meml-grpo": {},
-    "meml-no-buffer": {"riel.use_buffer": False},
-    "meml-no-iml": {"riel.inter_expert_weight": 0.0},
+    "meml-no-buffer": {"riel.hard_example_buffer": False},
+    "meml-no-iml": {"riel.lambda1": 0.0},
     "meml-no-mef": {"run_mef": False},
 }
 
@@ -88,6 +154,48 @@ SYNTHETIC_SETTINGS = {
 }
 
 
+def flag_options() -> list[tuple[str, object]]:
+    """(key, dataclass field) of every option that is a flag; keys as overrides name them."""
+    out = [(f.name, f) for f in fields(TrainConfig) if "help" in f.metadata]
+    return out + [(f"riel.{f.name}", f) for f in fields(RielConfig) if "help" in f.metadata]
+
+
+def flag_name(key: str) -> str:
+    return "--" + key.split(".")[-1].replace("_", "-")
+
+
+def _value_type(f) -> type:
+    """int for `int`, `int | None`; bool, float, str likewise."""
+    args = [a for a in typing.get_args(f.type) if a is not type(None)]
+    return args[0] if args else f.type
+
+
+def add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per option, grouped in sections. Flags default to None (not given), so only the
+    options a user names override the preset; the help shows the dataclass default and, where
+    it differs, the synthetic world's."""
+    group = parser
+    for key, f in flag_options():
+        if f.metadata["section"]:
+            group = parser.add_argument_group(f.metadata["section"])
+        text = f.metadata["help"] + f" (default {f.default}"
+        if key in SYNTHETIC_SETTINGS:
+            text += f"; synthetic world {SYNTHETIC_SETTINGS[key]}"
+        text = (text + ")").replace("%", "%%")
+        kind = _value_type(f)
+        if kind is bool:
+            group.add_argument(flag_name(key), dest=key, action=argparse.BooleanOptionalAction,
+                               default=None, help=text)
+        else:
+            group.add_argument(flag_name(key), dest=key, type=kind, choices=f.metadata["choices"],
+                               default=None, help=text, metavar=None if f.metadata["choices"] else kind.__name__.upper())
+
+
+def overrides_from(args: argparse.Namespace) -> dict:
+    """The options given on the command line, as {"key": value}."""
+    return {key: getattr(args, key) for key, _ in flag_options() if getattr(args, key, None) is not None}
+
+
 def with_overrides(cfg: TrainConfig, overrides: dict) -> TrainConfig:
     """Apply {"name": value} or {"riel.name": value} overrides; unknown names are an error."""
     top, riel = {}, {}
@@ -96,18 +204,18 @@ def with_overrides(cfg: TrainConfig, overrides: dict) -> TrainConfig:
     for key, value in overrides.items():
         if key.startswith("riel."):
             if key[5:] not in riel_names:
-                raise ValueError(f"unknown RIEL option {key!r}")
+                raise InputError(f"unknown RIEL option {key!r}")
             riel[key[5:]] = value
         elif key in names:
             top[key] = value
         else:
-            raise ValueError(f"unknown option {key!r}")
+            raise InputError(f"unknown option {key!r}")
     return replace(cfg, **top, riel=replace(cfg.riel, **riel))
 
 
 def make_config(preset: str, synthetic: bool, overrides: dict) -> TrainConfig:
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     cfg = TrainConfig(preset=preset)
     if synthetic:
         cfg = with_overrides(cfg, SYNTHETIC_SETTINGS)
@@ -118,19 +226,21 @@ def make_config(preset: str, synthetic: bool, overrides: dict) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Settings that cannot work together, named by their command-line options."""
+    """Impossible values and settings that cannot work together, named by their flags."""
+    for key, f in flag_options():
+        value = getattr(cfg.riel if key.startswith("riel.") else cfg, f.name)
+        m, flag = f.metadata, flag_name(key)
+        if value is None or isinstance(value, bool):
+            continue
+        if m["choices"] and value not in m["choices"]:
+            raise InputError(f"{flag} {value!r}: expected one of {', '.join(m['choices'])}")
+        if m["at_least"] is not None and value < m["at_least"]:
+            raise InputError(f"{flag} {value}: must be at least {m['at_least']}")
+        if m["above"] is not None and not value > m["above"]:
+            raise InputError(f"{flag} {value}: must be greater than {m['above']}")
+        if m["at_most"] is not None and value > m["at_most"]:
+            raise InputError(f"{flag} {value}: must be at most {m['at_most']}")
     r = cfg.riel
-    if cfg.mef_schedule not in ("constant", "cosine"):
-        raise ValueError(f"--mef-schedule {cfg.mef_schedule!r}: expected 'constant' or 'cosine'")
-    if not 0 <= r.buffer_k <= r.group_size:
-        raise ValueError(f"--buffer-k {r.buffer_k} must be between 0 and --group-size {r.group_size} "
+    if r.buffer_k > r.group_size:
+        raise InputError(f"--buffer-k {r.buffer_k} must be at most --group-size {r.group_size} "
                          f"(a group with more than K of its G rollouts wrong enters the buffer)")
-    if r.group_size < 2 and cfg.run_riel:
-        raise ValueError(f"--group-size {r.group_size}: group advantages (E2) need at least 2 rollouts")
-    choices = {"advantage_scale": ("none", "group_std", "batch_std"), "loss": ("paper", "clipped"),
-               "aggregation": ("token_mean", "seq_mean_token_mean", "dr_grpo"),
-               "inter_expert_variant": ("sequence", "full_vocab"), "buffer_target": ("gold", "expert"),
-               "kl_estimator": ("k1", "k2", "k3")}
-    for name, allowed in choices.items():
-        if getattr(r, name) not in allowed:
-            raise ValueError(f"riel.{name}={getattr(r, name)!r}: expected one of {allowed}")

@@ -12,6 +12,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from meml.errors import InputError
+
 
 @dataclass(frozen=True)
 class Example:
@@ -42,14 +44,14 @@ def _json_array_records(path: Path):
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
+        raise InputError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
     for number, record in enumerate(data, start=1):
         if not isinstance(record, dict):
-            raise ValueError(f"{path}: record {number}: expected a JSON object, got {type(record).__name__}")
+            raise InputError(f"{path}: record {number}: expected a JSON object, got {type(record).__name__}")
         yield number, record
 
 
@@ -60,25 +62,25 @@ def _jsonl_records(path: Path):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not UTF-8 text ({e.reason})") from e
+                raise InputError(f"{path}:{line_no}: not UTF-8 text ({e.reason})") from e
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from e
+                raise InputError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from e
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+                raise InputError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
             yield line_no, record
 
 
 def _field(record: dict, name: str, kind: type, where: str):
     """record[name], checked to be of type `kind` (bool is not accepted as int)."""
     if name not in record:
-        raise ValueError(f"{where}: field {name!r} is missing")
+        raise InputError(f"{where}: field {name!r} is missing")
     value = record[name]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValueError(f"{where}: field {name!r} must be {kind.__name__}, got {type(value).__name__}")
+        raise InputError(f"{where}: field {name!r} must be {kind.__name__}, got {type(value).__name__}")
     return value
 
 
@@ -97,10 +99,10 @@ def load_gsm8k(path, *, keep_calculator_annotations: bool = False) -> list[Examp
         question = _field(record, "question", str, where)
         solution = _field(record, "answer", str, where)
         if "####" not in solution:
-            raise ValueError(f"{where}: field 'answer' has no '#### <number>' final line")
+            raise InputError(f"{where}: field 'answer' has no '#### <number>' final line")
         final = solution.rsplit("####", 1)[1].strip().replace(",", "")
         if not re.fullmatch(r"-?\d+(?:\.\d+)?", final):
-            raise ValueError(f"{where}: field 'answer': final answer {final!r} is not a number")
+            raise InputError(f"{where}: field 'answer': final answer {final!r} is not a number")
         if not keep_calculator_annotations:
             solution = _CALCULATOR.sub("", solution)
         examples.append(Example(f"gsm8k-{path.stem}-{line_no}", question, final, solution))
@@ -117,7 +119,7 @@ def parse_mathqa_options(text: str) -> dict[str, str]:
     if text.startswith("[") and text.endswith("]"):
         items = ast.literal_eval(text)  # literals only: safe on data, never used on model text
         if not (isinstance(items, list) and all(isinstance(i, str) for i in items)):
-            raise ValueError(f"options list is not a list of strings: {text[:80]!r}")
+            raise InputError(f"options list is not a list of strings: {text[:80]!r}")
         text = " , ".join(items)
     starts = []  # (letter, start of the text after "x )")
     pos = 0
@@ -125,7 +127,7 @@ def parse_mathqa_options(text: str) -> dict[str, str]:
         sep = r"\A\s*" if letter == "a" else r"\s*,\s*"
         m = re.compile(sep + letter + r"\s?\)\s?").search(text, pos)
         if m is None:
-            raise ValueError(f"option {letter!r} not found in {text[:120]!r}")
+            raise InputError(f"option {letter!r} not found in {text[:120]!r}")
         starts.append((letter, m.start(), m.end()))
         pos = m.end()
     options = {}
@@ -152,11 +154,11 @@ def load_mathqa(path) -> list[Example]:
         rationale = _field(record, "Rationale", str, where).strip()
         correct = _field(record, "correct", str, where).strip().lower()
         if correct not in ("a", "b", "c", "d", "e"):
-            raise ValueError(f"{where}: field 'correct' must be a letter a-e, got {correct!r}")
+            raise InputError(f"{where}: field 'correct' must be a letter a-e, got {correct!r}")
         try:
             options = parse_mathqa_options(_field(record, "options", str, where))
         except (ValueError, SyntaxError) as e:
-            raise ValueError(f"{where}: field 'options': {e}") from e
+            raise InputError(f"{where}: field 'options': {e}") from e
         if len(rationale) >= 2 and rationale[0] == rationale[-1] == '"':
             rationale = rationale[1:-1].strip()
         solution = f"{rationale}\nThe answer is {correct}."
@@ -179,7 +181,7 @@ def load_strategyqa(path) -> list[Example]:
         answer = "yes" if _field(record, "answer", bool, where) else "no"
         facts = _field(record, "facts", list, where)
         if not all(isinstance(fact, str) for fact in facts):
-            raise ValueError(f"{where}: field 'facts' must be a list of strings")
+            raise InputError(f"{where}: field 'facts' must be a list of strings")
         solution = " ".join(" ".join(fact.split()) for fact in facts)
         solution = f"{solution}\nThe answer is {answer}." if solution else f"The answer is {answer}."
         examples.append(Example(qid, question, answer, solution))
@@ -200,7 +202,7 @@ def load_expert_jsonl(path) -> list[ExpertAnswer]:
         id_ = _field(record, "id", str, where)
         expert = _field(record, "expert", int, where)
         if expert < 0:
-            raise ValueError(f"{where}: field 'expert' must be >= 0, got {expert}")
+            raise InputError(f"{where}: field 'expert' must be >= 0, got {expert}")
         response = _field(record, "response", str, where)
         answers.append(ExpertAnswer(id_, expert, response))
     return answers

@@ -19,9 +19,9 @@ from math import comb
 
 import torch
 
-from meml.prompts import expert_prompt
+from meml.inference import complete
+from meml.prompts import expert_grid
 from meml.rewards import extract_answer, reward
-from meml.sampler import generate
 
 
 def accuracy(correct: list[bool]) -> float:
@@ -88,54 +88,45 @@ def format_results(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _complete(model, tokenizer, prompts, *, max_new_tokens, batch_size, temperature, generator):
-    texts = []
-    for start in range(0, len(prompts), batch_size):
-        gen = generate(model, prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
-                       stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size,
-                       temperature=temperature, generator=generator)
-        texts += [tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
-                  for ids, mask in zip(gen.completion_ids, gen.completion_mask)]
-    return texts
-
-
 @torch.no_grad()
 def evaluate_experts(model, tokenizer, examples, system_prompts: list[str], dataset: str, *,
                      max_new_tokens: int = 256, batch_size: int = 64, pass_k: int = 0,
                      seed: int = 0) -> dict:
     """E8: greedy accuracy per expert prompt, majority vote, oracle, error overlap; and pass@1 /
-    pass@k per expert from `pass_k` samples at temperature 1 (skipped when pass_k is 0)."""
+    pass@k per expert from `pass_k` samples at temperature 1 (skipped when pass_k is 0).
+
+    Votes read each answer exactly as the reward does (`extract_answer` with the question's
+    options), so an answer the reward accepts is a vote for the gold answer."""
     model.eval()
-    num_experts = len(system_prompts)
-    prompts = [expert_prompt(tokenizer, p, dataset, ex) for ex in examples for p in system_prompts]
-    texts = _complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                      temperature=0.0, generator=None)
+    conversations, rows = expert_grid(examples, system_prompts, dataset, copies=1)  # rows [Q, N, 1]
+    texts = complete(model, tokenizer, conversations, max_new_tokens=max_new_tokens,
+                     batch_size=batch_size).texts
     correct, votes_right = [], []
     for q, ex in enumerate(examples):
-        row = texts[q * num_experts:(q + 1) * num_experts]
+        row = [texts[r] for r in rows[q, :, 0].tolist()]  # one greedy answer per expert
         ok = [reward(dataset, t, ex) == 1.0 for t in row]
-        answers = [extract_answer(dataset, t) for t in row]
+        answers = [extract_answer(dataset, t, ex.options) for t in row]
         winner = majority_vote(answers)
         votes_right.append(winner is not None and ok[answers.index(winner)])
         correct.append(ok)
     result = {
         "num_questions": len(examples),
-        "accuracy": [accuracy([row[i] for row in correct]) for i in range(num_experts)],
+        "accuracy": [accuracy([row[i] for row in correct]) for i in range(len(system_prompts))],
         "majority_vote": accuracy(votes_right),
         "oracle": oracle_accuracy(correct),
         "error_overlap": error_overlap(correct),
-        "samples": [{"id": examples[q].id, "expert": i, "text": texts[q * num_experts + i]}
-                    for q in range(min(3, len(examples))) for i in range(num_experts)],
+        "samples": [{"id": examples[q].id, "expert": i, "text": texts[rows[q, i, 0]]}
+                    for q in range(min(3, len(examples))) for i in range(len(system_prompts))],
     }
     if pass_k:
+        conversations, rows = expert_grid(examples, system_prompts, dataset, copies=pass_k)  # [Q, N, k]
         generator = torch.Generator(device=model.output_weight.device).manual_seed(seed)
-        sampled = _complete(model, tokenizer, [p for p in prompts for _ in range(pass_k)],
-                            max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=1.0,
-                            generator=generator)
-        hits = [sum(reward(dataset, t, examples[row // num_experts]) == 1.0
-                    for t in sampled[row * pass_k:(row + 1) * pass_k]) for row in range(len(prompts))]
+        sampled = complete(model, tokenizer, conversations, max_new_tokens=max_new_tokens, temperature=1.0,
+                           batch_size=batch_size, generator=generator).texts
+        hits = torch.tensor([[[reward(dataset, sampled[r], ex) for r in rows[q, i].tolist()]
+                              for i in range(len(system_prompts))] for q, ex in enumerate(examples)])
+        hits = hits.sum(-1).long()  # [Q, N]: correct samples of each (question, expert)
         for k in sorted({1, pass_k}):
-            result[f"pass@{k}"] = [
-                sum(pass_at_k(pass_k, c, k) for c in hits[i::num_experts]) / len(examples)
-                for i in range(num_experts)]
+            result[f"pass@{k}"] = [sum(pass_at_k(pass_k, int(c), k) for c in hits[:, i]) / len(examples)
+                                   for i in range(len(system_prompts))]
     return result

@@ -12,9 +12,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from meml.errors import InputError
 from meml.model_config import ModelConfig
 
 
@@ -56,40 +57,54 @@ def read_tensors(path: Path, expected: dict[str, tuple], config: ModelConfig, dt
     """
     state, stored_head = {}, None
     for file, names in checkpoint_files(path).items():
-        with safe_open(file, framework="pt", device=str(device)) as f:
+        with _open_safetensors(file, device) as f:
             for name in names:
                 if name == "lm_head.weight" and config.tie_word_embeddings:
                     stored_head = (file, f.get_tensor(name).to(dtype))  # a copy some tied checkpoints keep
                     continue
                 if name not in expected:
-                    raise ValueError(f"{file}: unexpected tensor {name!r} (not part of a "
+                    raise InputError(f"{file}: unexpected tensor {name!r} (not part of a "
                                      f"{config.model_type} model as config.json describes it)")
                 tensor = f.get_tensor(name)
                 if tuple(tensor.shape) != expected[name]:
-                    raise ValueError(f"{file}: tensor {name!r} has shape {tuple(tensor.shape)} but "
+                    raise InputError(f"{file}: tensor {name!r} has shape {tuple(tensor.shape)} but "
                                      f"config.json implies {expected[name]}")
                 state[name] = tensor.to(dtype)
     missing = sorted(expected.keys() - state.keys())
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise ValueError(f"{path}: checkpoint is missing tensor(s) {', '.join(missing[:5])}{more}; "
+        raise InputError(f"{path}: checkpoint is missing tensor(s) {', '.join(missing[:5])}{more}; "
                          "do config.json and the safetensors files belong to the same model?")
     if stored_head is not None and not torch.equal(stored_head[1], state["model.embed_tokens.weight"]):
-        raise ValueError(f"{stored_head[0]}: lm_head.weight differs from model.embed_tokens.weight but "
+        raise InputError(f"{stored_head[0]}: lm_head.weight differs from model.embed_tokens.weight but "
                          f"{path / 'config.json'} says tie_word_embeddings=true; set it to false")
     return state
+
+
+def _open_safetensors(file: Path, device):
+    """safe_open, with a truncated or corrupt file named in the error (the library's own message
+    does not say which file it was reading)."""
+    try:
+        return safe_open(file, framework="pt", device=str(device))
+    except SafetensorError as err:
+        raise InputError(f"{file}: not a readable safetensors file ({err}); it may be truncated "
+                         "or corrupt: copy or download it again") from None
 
 
 def checkpoint_files(path: Path) -> dict[Path, list[str]]:
     """safetensors file -> tensor names in it, from model.safetensors or model.safetensors.index.json."""
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
+        with _open_safetensors(single, "cpu") as f:
             return {single: list(f.keys())}
     if not index.is_file():
         raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
     files = {}
-    for name, shard in json.loads(index.read_text())["weight_map"].items():
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise InputError(f"{index}: not a safetensors index (a JSON object with a 'weight_map'): {err}") from None
+    for name, shard in weight_map.items():
         files.setdefault(path / shard, []).append(name)
     for shard in files:
         if not shard.is_file():

@@ -4,7 +4,7 @@ E4 compares the policy with a frozen reference model along the policy's own samp
 Schulman's three estimators k1, k2, k3. E5 compares the policy with *itself* under two system
 prompts: per question the best expert E+ and the worst E−, along E+'s correct rollouts O+.
 
-Departure from the paper, METHOD.md's [decision]: the paper prints log p(O+|P−) − log p(O+|P+);
+Departure from the paper, decision D7 (README.md, "Decisions"): the paper prints log p(O+|P−) − log p(O+|P+);
 minimised literally that pushes the weak expert *away* from the good answer. Here the term is
 sg(log π(O+|P+)) − log π(O+|P−): only the E− branch receives gradient, and it moves toward O+.
 Its value is a one-sample estimate of KL(π(·|P+) ‖ π(·|P−)) along O+.
@@ -14,6 +14,7 @@ import torch
 from meml.losses import aggregate
 
 ESTIMATORS = ("k1", "k2", "k3")
+INTER_EXPERT_VARIANTS = ("sequence", "full_vocab")  # `inter_expert_kl`, `inter_expert_kl_full_vocab`
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,11 +43,13 @@ def reference_kl_loss(
     estimator: str = "k3",
     aggregation: str = "seq_mean_token_mean",
     max_len: int | None = None,
+    denominator: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """E4 as a loss term: the chosen estimator per completion token, aggregated like E3.
 
     logprobs, ref_logprobs, mask: [B, T]. Multiply by β (0.04 typical for baselines, 0 in the
-    MEML preset) in E7 (`meml.losses.total_loss`).
+    MEML preset) in E7 (`meml.losses.total_loss`). denominator: the whole batch's, when these
+    rows are one micro-batch of it (`meml.losses.aggregate`).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator={estimator!r}: expected one of {ESTIMATORS}")
@@ -54,7 +57,7 @@ def reference_kl_loss(
     padding = ~mask.bool()
     per_token = kl_estimates(logprobs.masked_fill(padding, 0.0),
                              ref_logprobs.masked_fill(padding, 0.0))[ESTIMATORS.index(estimator)]
-    return aggregate(per_token, mask, aggregation, max_len)
+    return aggregate(per_token, mask, aggregation, max_len, denominator)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,21 +92,24 @@ def plus_rollouts(rewards: torch.Tensor, e_plus: torch.Tensor) -> torch.Tensor:
     return rewards.gather(1, index).squeeze(1) == 1
 
 
-def _mean_per_question(values: torch.Tensor, question_index: torch.Tensor | None) -> torch.Tensor:
-    """[M] -> scalar: mean over each question's O+, then mean over questions (None: flat mean)."""
+def _mean_per_question(values: torch.Tensor, question_index: torch.Tensor | None,
+                       num_questions: int | None) -> torch.Tensor:
+    """[M] -> scalar: mean over each question's O+, then sum over questions / num_questions
+    (default: the number of questions present). None for question_index: a flat mean."""
     if question_index is None:
         return values.mean()
-    _, group = torch.unique(question_index, return_inverse=True)  # [M] in 0..num_questions-1
-    num = int(group.max()) + 1
-    sums = values.new_zeros(num).index_add(0, group, values)
-    counts = values.new_zeros(num).index_add(0, group, torch.ones_like(values))
-    return (sums / counts).mean()
+    _, group = torch.unique(question_index, return_inverse=True)  # [M] in 0..present-1
+    present = int(group.max()) + 1
+    sums = values.new_zeros(present).index_add(0, group, values)
+    counts = values.new_zeros(present).index_add(0, group, torch.ones_like(values))
+    return (sums / counts).sum() / (present if num_questions is None else num_questions)
 
 
 def inter_expert_kl(
     plus_seq_logprobs: torch.Tensor,
     minus_seq_logprobs: torch.Tensor,
     question_index: torch.Tensor | None = None,
+    num_questions: int | None = None,
 ) -> torch.Tensor:
     """E5, sequence estimator: L_KL = mean_{O+} [ sg(log π_θ(O+|Q,P+)) − log π_θ(O+|Q,P−) ].
 
@@ -113,10 +119,13 @@ def inter_expert_kl(
     question_index:     [M] which question each O+ row belongs to. Given: mean over each
                         question's O+, then mean over questions (each active question weighs
                         the same). None: a flat mean over all M rows.
-    Sign per METHOD.md's [decision]: minimising raises log π_θ(O+ | P−).
+    num_questions:      the step's number of active questions, when these rows are the O+ of
+                        only some of them (a micro-batch holding whole questions): the
+                        micro-batches' values then add up to the whole step's L_KL.
+    Sign and stop-gradient: decision D7 (README.md); minimising raises log π_θ(O+ | P−).
     """
     per_rollout = plus_seq_logprobs.detach() - minus_seq_logprobs  # [M]
-    return _mean_per_question(per_rollout, question_index)
+    return _mean_per_question(per_rollout, question_index, num_questions)
 
 
 def inter_expert_kl_full_vocab(
@@ -124,6 +133,7 @@ def inter_expert_kl_full_vocab(
     minus_logits: torch.Tensor,
     mask: torch.Tensor,
     question_index: torch.Tensor | None = None,
+    num_questions: int | None = None,
 ) -> torch.Tensor:
     """E5, full-vocabulary variant: the exact per-token KL( p(·|P+) ‖ p(·|P−) ) summed along O+.
 
@@ -139,4 +149,4 @@ def inter_expert_kl_full_vocab(
     minus_logp = torch.log_softmax(minus_logits.float(), dim=-1)         # [M, T, V]
     per_token = (plus_logp.exp() * (plus_logp - minus_logp)).sum(dim=-1)  # [M, T]
     per_rollout = torch.where(mask.bool(), per_token, 0.0).sum(dim=-1)   # [M]
-    return _mean_per_question(per_rollout, question_index)
+    return _mean_per_question(per_rollout, question_index, num_questions)

@@ -20,6 +20,18 @@ neither the value nor the gradient. Nothing is inferred from token values.
 import torch
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "dr_grpo")
+POLICY_LOSSES = ("paper", "clipped")  # E3 as the paper writes it, E3' the clipped surrogate
+
+
+def aggregation_denominator(lengths: torch.Tensor, aggregation: str, max_len: int) -> torch.Tensor:
+    """The denominator of `aggregate` for rows of these completion lengths [B]: the number of
+    completion tokens (token_mean), of rows (seq_mean_token_mean), or rows x max_len (dr_grpo)."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation={aggregation!r}: expected one of {AGGREGATIONS}")
+    if aggregation == "token_mean":
+        return lengths.sum().clamp(min=1).to(torch.float32)
+    rows = torch.tensor(float(lengths.shape[0]), device=lengths.device)
+    return rows if aggregation == "seq_mean_token_mean" else rows * max_len
 
 
 def aggregate(
@@ -27,9 +39,15 @@ def aggregate(
     mask: torch.Tensor,
     aggregation: str = "seq_mean_token_mean",
     max_len: int | None = None,
+    denominator: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Reduce a per-token quantity [B, T] over the completion mask [B, T] to a scalar.
 
+    Every mode is a sum over the batch divided by a denominator:
+      numerator    Σ_{b,t} x·m (token_mean, dr_grpo), or Σ_b Σ_t x·m / |o_b| (seq_mean_token_mean)
+      denominator  `aggregation_denominator` of these rows, unless given. When these rows are one
+                   micro-batch of a larger batch, pass the larger batch's denominator: the
+                   micro-batches' values then add up to the whole batch's.
     max_len (dr_grpo only): the denominator's length, normally the sampler's max_new_tokens;
     default T. A row with no completion tokens contributes 0 (its length is clamped to 1).
     """
@@ -39,14 +57,14 @@ def aggregate(
         raise ValueError(f"per-token values {tuple(per_token.shape)} and mask "
                          f"{tuple(mask.shape)} must have the same shape [B, T]")
     mask = mask.bool()
+    lengths = mask.sum(dim=1)  # [B]
+    if denominator is None:
+        denominator = aggregation_denominator(lengths, aggregation, per_token.shape[1] if max_len is None else max_len)
     # where, not multiply: a padded position holding inf or nan must not poison the sum.
     masked = torch.where(mask, per_token, 0.0)  # [B, T]
-    if aggregation == "token_mean":
-        return masked.sum() / mask.sum().clamp(min=1)
     if aggregation == "seq_mean_token_mean":
-        return (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
-    batch, length = per_token.shape
-    return masked.sum() / (batch * (length if max_len is None else max_len))
+        return (masked.sum(dim=1) / lengths.clamp(min=1)).sum() / denominator
+    return masked.sum() / denominator
 
 
 def policy_loss(
@@ -57,6 +75,7 @@ def policy_loss(
     clip_eps: float = 0.2,
     aggregation: str = "seq_mean_token_mean",
     max_len: int | None = None,
+    denominator: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """E3 (old_logprobs=None) or E3' (old_logprobs given), to be minimised.
 
@@ -72,6 +91,7 @@ def policy_loss(
     E3', the clipped surrogate:       per token  −min( ρ_t·A, clip(ρ_t, 1−ε, 1+ε)·A ),
         ρ_t = exp(log π_θ − log π_old). With one update per rollout batch ρ = 1 and its
         gradient equals E3's; the clip only bites on later updates of the same batch.
+    denominator: the whole batch's, when these rows are one micro-batch of it (`aggregate`).
     """
     advantages = advantages.to(logprobs.dtype).unsqueeze(1)  # [B, 1]
     if old_logprobs is None:
@@ -82,7 +102,7 @@ def policy_loss(
         ratio = torch.exp(log_ratio)  # [B, T]
         clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
         per_token = -torch.minimum(ratio * advantages, clipped * advantages)
-    return aggregate(per_token, mask, aggregation, max_len)
+    return aggregate(per_token, mask, aggregation, max_len, denominator)
 
 
 def clip_fraction(
@@ -107,6 +127,7 @@ def nll_loss(
     mask: torch.Tensor,
     aggregation: str = "token_mean",
     max_len: int | None = None,
+    denominator: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Negative log-likelihood of target completions: E1 (MEF) and E6 (the buffer's L_SFT).
 
@@ -117,11 +138,11 @@ def nll_loss(
     the number of answer tokens in the batch: the gradient direction within a batch is the
     literal E1's, and the scale does not grow with batch size or answer length.
     """
-    return aggregate(-logprobs, mask, aggregation, max_len)
+    return aggregate(-logprobs, mask, aggregation, max_len, denominator)
 
 
 def total_loss(
-    policy: torch.Tensor,
+    policy: torch.Tensor | None = None,
     inter_expert_kl: torch.Tensor | None = None,
     sft: torch.Tensor | None = None,
     reference_kl: torch.Tensor | None = None,
@@ -129,16 +150,15 @@ def total_loss(
     lambda2: float = 1.0,
     beta: float = 0.0,
 ) -> torch.Tensor:
-    """E7: L = L_GRPO + λ1·L_KL + λ2·L_SFT  (+ β·L_ref, the optional E4 term; β=0 for MEML).
+    """E7: L = L_GRPO + λ1·L_KL + λ2·L_SFT  (+ β·L_ref, the optional E4 term; β = 0 for MEML).
 
-    A term that is None is absent this step (no active question for E5, buffer not full for E6,
-    no reference model for E4). Defaults λ1 = 0.1, λ2 = 1.0 are METHOD.md's [decision].
+    A part that is None is absent (no active question for E5, buffer not full for E6, no
+    reference model for E4); a part whose weight is 0 is left out. The defaults λ1 = 0.1 and
+    λ2 = 1.0 are decision D9 (README.md, "Decisions"). E7 is linear in its parts, so applying it
+    to each micro-batch's share of the parts and summing (meml/riel.py) gives E7 of the whole
+    batch: this function is the only place where λ1, λ2 and β multiply anything.
     """
-    loss = policy
-    if inter_expert_kl is not None:
-        loss = loss + lambda1 * inter_expert_kl
-    if sft is not None:
-        loss = loss + lambda2 * sft
-    if reference_kl is not None and beta != 0.0:
-        loss = loss + beta * reference_kl
-    return loss
+    weighted = [weight * part for weight, part in
+                [(1.0, policy), (lambda1, inter_expert_kl), (lambda2, sft), (beta, reference_kl)]
+                if part is not None and weight != 0.0]
+    return sum(weighted[1:], weighted[0]) if weighted else torch.tensor(0.0)

@@ -7,7 +7,8 @@ that later the prompt alone selects a reasoning style. The loss is the token-mea
 answer tokens (end-of-turn token included, prompt excluded): the literal E1 divided by the
 number of answer tokens in the batch, so the learning rate does not depend on batch size.
 
-[decision] (METHOD.md) a teacher answer whose final answer the verifier rejects is dropped.
+Decision D1 (README.md, "Decisions"): a teacher answer whose final answer the verifier rejects
+is dropped, for MEF and for the buffer's `--buffer-target expert` alike.
 
 Expert data is JSONL `{"id", "expert", "response"}` (meml/data.py). `generate_expert_data`
 writes it from any local teacher checkpoint under an expert's system prompt, keeping only
@@ -19,11 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from meml.data import Example, ExpertAnswer
+from meml.errors import InputError
+from meml.inference import complete
 from meml.losses import nll_loss
 from meml.policy import completion_logprobs, pack
-from meml.prompts import expert_prompt, response_ids
+from meml.prompts import expert_grid, expert_prompt, response_ids
 from meml.rewards import reward
-from meml.sampler import generate
 
 
 @dataclass
@@ -33,26 +35,31 @@ class SFTItem:
     expert: int
 
 
-def mef_items(tokenizer, examples: list[Example], answers: list[ExpertAnswer], system_prompts: list[str],
-              dataset: str, experts: list[int]) -> tuple[list[SFTItem], dict[int, int]]:
-    """(Q_j, P_i, A_j^(i)) triples for the experts taking part, and how many were dropped per
-    expert because their final answer is wrong. `experts[k]` is the expert whose answers
-    train system prompt k (ExpertX-SFT: experts = [X], one prompt)."""
+def verified_answers(answers: list[ExpertAnswer], examples: list[Example], dataset: str,
+                     source: str = "expert data") -> tuple[list[ExpertAnswer], dict[int, int]]:
+    """The answers whose final answer the verifier accepts (decision D1), and how many were
+    dropped per expert. An answer naming a question that is not in `examples` is an error."""
     by_id = {ex.id: ex for ex in examples}
-    items, dropped = [], {i: 0 for i in experts}
+    kept, dropped = [], {}
     for ans in answers:
-        if ans.expert not in experts:
-            continue
         if ans.id not in by_id:
-            raise ValueError(f"expert data names example id {ans.id!r}, which is not in the data set")
-        example = by_id[ans.id]
-        if reward(dataset, ans.response, example) != 1.0:
-            dropped[ans.expert] += 1
-            continue
-        k = experts.index(ans.expert)
-        items.append(SFTItem(expert_prompt(tokenizer, system_prompts[k], dataset, example),
-                             response_ids(tokenizer, ans.response), k))
-    return items, dropped
+            raise InputError(f"{source}: answer of expert {ans.expert} names question {ans.id!r}, "
+                             "which is not among the training questions")
+        if reward(dataset, ans.response, by_id[ans.id]) == 1.0:
+            kept.append(ans)
+        else:
+            dropped[ans.expert] = dropped.get(ans.expert, 0) + 1
+    return kept, dropped
+
+
+def mef_items(tokenizer, examples: list[Example], answers: list[ExpertAnswer], system_prompts: list[str],
+              dataset: str, experts: list[int]) -> list[SFTItem]:
+    """(Q_j, P_i, A_j^(i)) for the experts taking part, from verified answers. `experts[k]` is
+    the expert whose answers train system prompt k (ExpertX-SFT: experts = [X], one prompt)."""
+    by_id = {ex.id: ex for ex in examples}
+    return [SFTItem(expert_prompt(tokenizer, system_prompts[experts.index(a.expert)], dataset, by_id[a.id]),
+                    response_ids(tokenizer, a.response), experts.index(a.expert))
+            for a in answers if a.expert in experts]
 
 
 def sft_loss(model, tokenizer, items: list[SFTItem], micro_batch_size: int) -> tuple[float, int]:
@@ -70,7 +77,6 @@ def sft_loss(model, tokenizer, items: list[SFTItem], micro_batch_size: int) -> t
     return value, total_tokens
 
 
-@torch.no_grad()
 def generate_expert_data(teacher, teacher_tokenizer, examples: list[Example], system_prompt: str,
                          expert: int, dataset: str, *, samples_per_question: int = 1,
                          max_new_tokens: int = 512, temperature: float = 0.7, batch_size: int = 16,
@@ -80,17 +86,12 @@ def generate_expert_data(teacher, teacher_tokenizer, examples: list[Example], sy
     kept = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        prompts = [expert_prompt(teacher_tokenizer, system_prompt, dataset, ex)
-                   for ex in chunk for _ in range(samples_per_question)]
-        gen = generate(teacher, prompts, max_new_tokens=max_new_tokens, stop_ids=teacher_tokenizer.stop_ids,
-                       pad_id=teacher_tokenizer.pad_id, vocab_limit=teacher_tokenizer.vocab_size,
-                       temperature=temperature, generator=generator)
+        conversations, rows = expert_grid(chunk, [system_prompt], dataset, samples_per_question)  # rows [q, 1, s]
+        out = complete(teacher, teacher_tokenizer, conversations, max_new_tokens=max_new_tokens,
+                       temperature=temperature, batch_size=len(conversations), generator=generator)
         for q, ex in enumerate(chunk):
-            for s in range(samples_per_question):
-                row = q * samples_per_question + s
-                ids = gen.completion_ids[row][gen.completion_mask[row]].tolist()
-                text = teacher_tokenizer.decode(ids, skip_special_tokens=True)
-                if gen.finished[row] and reward(dataset, text, ex) == 1.0:
-                    kept.append(ExpertAnswer(ex.id, expert, text))
+            for row in rows[q, 0].tolist():
+                if out.finished[row] and reward(dataset, out.texts[row], ex) == 1.0:
+                    kept.append(ExpertAnswer(ex.id, expert, out.texts[row]))
                     break
     return kept

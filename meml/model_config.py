@@ -8,6 +8,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from meml.errors import InputError
+
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -39,7 +41,7 @@ class ModelConfig:
         try:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+            raise InputError(f"{path}: not valid JSON ({e})") from None
         return cls.from_hf_dict(raw, source=str(path))
 
     @classmethod
@@ -55,7 +57,7 @@ class ModelConfig:
 
         def need(field):
             if raw.get(field) is None:
-                raise ValueError(f"{source}: required field {field!r} is missing")
+                raise InputError(f"{source}: required field {field!r} is missing")
             return raw[field]
 
         model_type = need("model_type")

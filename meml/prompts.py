@@ -1,15 +1,26 @@
-"""Experts are system prompts: how a question becomes expert i's prompt P_i (METHOD.md, Notation).
+"""Experts are system prompts: how a question becomes expert i's conversation P_i + Q_j.
 
 One model, N experts: expert i sees the same user message (the question) under its own system
 prompt, rendered with the checkpoint's real chat template in the *system* role. MEF (E1) teaches
 each system prompt one teacher's reasoning style; RIEL samples from each; inference (E8) picks
 one.
 
+Every batch of expert prompts here is a grid: question q x expert i x copy c (the G rollouts of
+RIEL, the pass@k samples of evaluation), laid out as flat rows for the sampler. `expert_grid`
+returns the rows and an index tensor `rows[q, i, c]` giving each one's position: the one place
+that knows the layout, so no caller does `(q * N + i) * G + c` arithmetic.
+
 The default prompts below describe the paper's three teachers (Expert0 = the data set's gold
 solution, Expert1 and Expert2 = two reasoning models); `--system-prompts FILE` replaces them.
 The built-in synthetic world ships its own (meml/synthetic.py).
 """
+import json
+from pathlib import Path
+
+import torch
+
 from meml.data import Example
+from meml.errors import InputError
 
 EXPERT_SYSTEM_PROMPTS = (
     "You are Expert 0. Solve the problem the way a textbook's worked solution does: "
@@ -19,6 +30,17 @@ EXPERT_SYSTEM_PROMPTS = (
     "You are Expert 2. Plan the solution first, then carry it out concisely and state the "
     "final answer.",
 )
+
+
+def read_system_prompts(path: Path) -> list[str]:
+    """`--system-prompts FILE`: a JSON list of strings, one system prompt per expert."""
+    try:
+        prompts = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts)):
+        raise InputError(f"{path}: expected a JSON list of system prompt strings, one per expert")
+    return prompts
 
 
 def user_message(dataset: str, example: Example) -> str:
@@ -31,11 +53,26 @@ def user_message(dataset: str, example: Example) -> str:
     return example.question
 
 
+def expert_messages(system_prompt: str, dataset: str, example: Example) -> list[dict]:
+    """The conversation expert i is asked: its system prompt, then the question."""
+    return [{"role": "system", "content": system_prompt},
+            {"role": "user", "content": user_message(dataset, example)}]
+
+
 def expert_prompt(tokenizer, system_prompt: str, dataset: str, example: Example) -> list[int]:
     """Token ids of P_i + Q_j, ending with the assistant header so the model answers next."""
-    messages = [{"role": "system", "content": system_prompt},
-                {"role": "user", "content": user_message(dataset, example)}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(expert_messages(system_prompt, dataset, example),
+                                         add_generation_prompt=True)
+
+
+def expert_grid(examples: list[Example], system_prompts: list[str], dataset: str,
+                copies: int) -> tuple[list[list[dict]], torch.Tensor]:
+    """Conversations for every (question q, expert i, copy c) as flat rows, and
+    rows [Q, N, copies] long: the flat position of (q, i, c)."""
+    conversations = [expert_messages(p, dataset, ex) for ex in examples for p in system_prompts
+                     for _ in range(copies)]
+    rows = torch.arange(len(conversations)).view(len(examples), len(system_prompts), copies)
+    return conversations, rows
 
 
 def response_ids(tokenizer, response: str) -> list[int]:

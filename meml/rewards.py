@@ -31,6 +31,7 @@ import re
 from fractions import Fraction
 
 from meml.data import Example
+from meml.errors import InputError
 
 DATASETS = ("gsm8k", "mathqa", "strategyqa", "synthetic")
 
@@ -197,6 +198,6 @@ def reward(dataset: str, completion: str, example: Example) -> float:
     if dataset in ("gsm8k", "synthetic"):
         gold = parse_number(example.answer)
         if gold is None:
-            raise ValueError(f"example {example.id}: gold answer {example.answer!r} is not a number")
+            raise InputError(f"example {example.id}: gold answer {example.answer!r} is not a number")
         return float(answer == gold[0])
     return float(answer == example.answer.strip().lower())

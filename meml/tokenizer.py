@@ -26,6 +26,8 @@ from pathlib import Path
 
 import tokenizers
 
+from meml.errors import InputError
+
 # The Llama 3.x template's own date when `strftime_now` is not available (see its chat_template).
 LLAMA3_DEFAULT_DATE = "26 Jul 2024"
 
@@ -55,10 +57,10 @@ def detect_chat_format(template: str, source: str) -> ChatFormat:
         default_system = _chatml_default_system(template)
         if default_system is None and "messages[0]" in template:
             # It looks for a leading system message but we cannot find what it does without one.
-            raise ValueError(f"{source}: ChatML chat_template with a default system prompt we cannot "
+            raise InputError(f"{source}: ChatML chat_template with a default system prompt we cannot "
                              "read; only Qwen2/Qwen2.5-style templates are supported")
         return ChatFormat("chatml", default_system)
-    raise ValueError(f"{source}: unrecognised chat_template; supported are ChatML (Qwen2.5, or "
+    raise InputError(f"{source}: unrecognised chat_template; supported are ChatML (Qwen2.5, or "
                      "meml.tokenizer.PLAIN_CHATML_TEMPLATE) and Llama 3.1-3.3")
 
 
@@ -75,11 +77,11 @@ def _chatml_default_system(template: str) -> str | None:
 
 def _check_messages(messages: list[dict]) -> None:
     if not messages:
-        raise ValueError("a conversation needs at least one message")
+        raise InputError("a conversation needs at least one message")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES \
                 or not isinstance(message.get("content"), str):
-            raise ValueError(f"message {i} must be {{'role': one of {ROLES}, 'content': str}}, "
+            raise InputError(f"message {i} must be {{'role': one of {ROLES}, 'content': str}}, "
                              f"got {message!r}")
 
 
@@ -114,7 +116,7 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
+        raise InputError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
 
 
 def _token_text(value) -> str | None:
@@ -157,7 +159,7 @@ class Tokenizer:
         def token_id(field: str, text: str) -> int:
             id_ = tokenizer.token_to_id(text)
             if id_ is None:
-                raise ValueError(f"{config_file}: {field} {text!r} is not a token of {tokenizer_file}")
+                raise InputError(f"{config_file}: {field} {text!r} is not a token of {tokenizer_file}")
             return id_
 
         template_file = directory / "chat_template.jinja"
@@ -168,14 +170,14 @@ class Tokenizer:
             if isinstance(template, list):  # older multi-template form: [{"name", "template"}, ...]
                 template = {t["name"]: t["template"] for t in template}.get("default")
         if not isinstance(template, str):
-            raise ValueError(f"{config_file}: no chat_template (and no {template_file}); meml needs a "
+            raise InputError(f"{config_file}: no chat_template (and no {template_file}); meml needs a "
                              "chat model's tokenizer, because experts are system prompts")
         chat_format = detect_chat_format(template, source)
         eot_id = token_id("end of turn", "<|im_end|>" if chat_format.name == "chatml" else "<|eot_id|>")
 
         bos_token = _token_text(config.get("bos_token"))
         if chat_format.name == "llama3" and bos_token is None:
-            raise ValueError(f"{config_file}: bos_token missing; the Llama 3 chat format starts with it")
+            raise InputError(f"{config_file}: bos_token missing; the Llama 3 chat format starts with it")
         eos_token = _token_text(config.get("eos_token"))
         stop_ids = {eot_id} | ({token_id("eos_token", eos_token)} if eos_token else set())
         generation_file = directory / "generation_config.json"
@@ -196,7 +198,7 @@ class Tokenizer:
         needed = {"eot_id": self.eot_id, "pad_id": self.pad_id, **{f"stop id {i}": i for i in self.stop_ids}}
         for name, i in needed.items():
             if i >= model_vocab_size:
-                raise ValueError(f"tokenizer's {name} = {i} is outside the model's vocabulary of "
+                raise InputError(f"tokenizer's {name} = {i} is outside the model's vocabulary of "
                                  f"{model_vocab_size} ({source}): tokenizer and checkpoint do not match")
         self.vocab_size = min(self.vocab_size, model_vocab_size)
 

@@ -53,12 +53,14 @@ def make_optimizer(model, stage: Stage) -> torch.optim.Optimizer:
 
 
 def lr_at(step: int, stage: Stage) -> float:
-    """Linear warm-up, then constant or cosine decay to 10% (the paper gives no schedule)."""
-    warmup = min(1.0, (step + 1) / stage.warmup_steps) if stage.warmup_steps else 1.0
+    """Linear warm-up to lr, then constant or a cosine decay to 10% of lr over the remaining
+    steps (the paper gives no schedule). The decay starts where warm-up ends."""
+    if step < stage.warmup_steps:
+        return stage.lr * (step + 1) / stage.warmup_steps
     if stage.schedule == "constant":
-        return stage.lr * warmup
-    progress = step / max(1, stage.total_steps - 1)
-    return stage.lr * warmup * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        return stage.lr
+    progress = (step - stage.warmup_steps) / max(1, stage.total_steps - stage.warmup_steps - 1)
+    return stage.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def trainer_state(stage: Stage, step: int, optimizer, carry: dict) -> dict:

@@ -1,53 +1,61 @@
-"""RIEL's glue: which rows each loss part sees, and that micro-batching changes nothing.
+"""RIEL's step: which rows each part of E7 sees, and that micro-batching changes nothing.
 
-The oracle is the same quantity computed the plain way: full logits of each unpadded sequence,
-log_softmax, one loss over the whole batch, one backward.
+The oracle is E7 written out on the whole batch in one expression: full logits of each unpadded
+sequence, log_softmax, every part computed once over all its rows, one backward. The step under
+test scores rows in micro-batches and calls backward on each; the gradients must agree.
 """
 import pytest
 import torch
 
 from meml import synthetic_assets
+from meml.advantage import group_advantages
+from meml.config import RielConfig
 from meml.data import Example
-from meml.kl import inter_expert_kl
+from meml.kl import inter_expert_kl, reference_kl_loss
 from meml.losses import nll_loss, policy_loss
 from meml.model import ModelConfig, Transformer
 from meml.prompts import expert_prompt, response_ids
-from meml.riel import RielConfig, Rollouts, World, inter_expert_step, policy_step, sft_step
+from meml.riel import Rollouts, World, _whole_questions, backward_e7, score_rollouts, select_parts
 from meml.tokenizer import Tokenizer
 
 G = 3
+
+
+def tiny_model(config, seed):
+    torch.manual_seed(seed)
+    model = Transformer(config)
+    model.init_weights(std=0.2)  # wide enough that log-probs differ visibly between prompts
+    return model
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     folder = synthetic_assets.write_synthetic_assets(tmp_path_factory.mktemp("assets"))
     tok = Tokenizer.from_pretrained(folder)
-    torch.manual_seed(0)
     config = ModelConfig.from_json(folder / "config.json")
     config.num_hidden_layers, config.hidden_size, config.intermediate_size = 2, 32, 64
     config.num_attention_heads, config.num_key_value_heads, config.head_dim = 4, 2, 8
-    model = Transformer(config)
-    model.init_weights(std=0.2)  # wide enough that log-probs differ visibly between prompts
     assert tok.vocab_size < config.vocab_size  # a padded vocabulary, as Qwen's
-    return model, World(tok, ["Expert zero.", "Expert one says more.", "Two"], "synthetic")
+    return tiny_model(config, 0), World(tok, ["Expert zero.", "Expert one says more.", "Two"], "synthetic"), config
 
 
 EXAMPLES = [Example("q0", "Mia has 3 apples and gets 4 more. How many?", "7", "3 + 4 = 7 #### 7"),
             Example("q1", "Leo has 9 coins and loses 2. How many?", "7", "9 - 2 = 7 #### 7")]
+BY_ID = {ex.id: ex for ex in EXAMPLES}
 
 
-def make_rollouts(world, rewards):
-    """Rollouts for EXAMPLES x 3 experts x G with made-up completions and the given rewards."""
+def make_rollouts(world):
+    """Rollouts for EXAMPLES x 3 experts x G with made-up completions of different lengths."""
     tok = world.tokenizer
     prompts, completions = [], []
     for q, ex in enumerate(EXAMPLES):
         for i, p in enumerate(world.system_prompts):
             for g in range(G):
                 prompts.append(expert_prompt(tok, p, "synthetic", ex))
-                completions.append(tok.encode(f"{q + i + g} + {g} = {q + i + 2 * g}") + [tok.eot_id])
+                completions.append(tok.encode(f"{q + i + g} + {g} = {q + i + 2 * g}" + " ok" * g) + [tok.eot_id])
     old = [torch.zeros(len(c)) for c in completions]
-    return Rollouts(prompts, completions, old, [True] * len(prompts), [""] * len(prompts),
-                    torch.tensor(rewards, dtype=torch.float))
+    rows = torch.arange(len(prompts)).view(len(EXAMPLES), len(world.system_prompts), G)
+    return Rollouts(rows, prompts, completions, old, [True] * len(prompts), [""] * len(prompts))
 
 
 def seq_logprob(model, prompt, completion, vocab_limit, temperature=1.0):
@@ -56,6 +64,14 @@ def seq_logprob(model, prompt, completion, vocab_limit, temperature=1.0):
     ids = torch.tensor([prompt + completion])
     logp = torch.log_softmax(model(ids)[0, :, :vocab_limit].float() / temperature, dim=-1)  # [T, V]
     return torch.stack([logp[len(prompt) - 1 + t, c] for t, c in enumerate(completion)])
+
+
+def padded(per_row):
+    """[rows] of 1-D tensors -> ([rows, T] right-padded with 0, [rows, T] mask)."""
+    width = max(len(x) for x in per_row)
+    values = torch.stack([torch.nn.functional.pad(x, (0, width - len(x))) for x in per_row])
+    mask = torch.stack([torch.arange(width) < len(x) for x in per_row])
+    return values, mask
 
 
 def grads(model):
@@ -69,58 +85,74 @@ def assert_same_grads(a, b):
 
 
 # Question 0: expert 0 right twice, expert 2 never: E+ = 0, E- = 2, active.
-# Question 1: every expert right once: a tie, skipped.
-DISAGREE = [[[1, 1, 0], [1, 0, 0], [0, 0, 0]], [[1, 0, 0], [0, 1, 0], [0, 0, 1]]]
-
-
-def test_inter_expert_term_pulls_the_worst_expert_toward_the_best_experts_correct_rollouts(world):
-    model, w = world
-    ro = make_rollouts(w, DISAGREE)
-    cfg = RielConfig(group_size=G, inter_expert_weight=0.5)
-    model.zero_grad()
-    out = inter_expert_step(model, w, ro, cfg)
-    got = grads(model)
-    assert out["inter_expert/active_questions"] == 1 and out["loss/inter_expert_kl"] != 0.0
-
-    model.zero_grad()
-    V = w.tokenizer.vocab_size
-    rows = [0, 1]  # question 0, expert 0, rollouts 0 and 1 (the correct ones)
-    minus_prompt = ro.prompts[2 * G]  # question 0, expert 2
-    plus = torch.stack([seq_logprob(model, ro.prompts[r], ro.completions[r], V).sum() for r in rows])
-    minus = torch.stack([seq_logprob(model, minus_prompt, ro.completions[r], V).sum() for r in rows])
-    expected = inter_expert_kl(plus, minus)
-    (0.5 * expected).backward()
-    assert out["loss/inter_expert_kl"] == pytest.approx(expected.item(), rel=1e-4, abs=1e-5)
-    assert_same_grads(got, grads(model))
-
-
-def test_inter_expert_term_is_zero_when_experts_tie(world):
-    model, w = world
-    ro = make_rollouts(w, [[[1, 0, 0]] * 3, [[0, 0, 0]] * 3])
-    model.zero_grad()
-    out = inter_expert_step(model, w, ro, RielConfig(group_size=G))
-    assert out == {"loss/inter_expert_kl": 0.0, "inter_expert/active_questions": 0}
-    assert grads(model) == {}
+# Question 1: expert 1 right twice, expert 2 once: E+ = 1, E- = 0 (all wrong), active.
+TWO_ACTIVE = torch.tensor([[[1, 1, 0], [1, 0, 0], [0, 0, 0]],
+                           [[0, 0, 0], [1, 0, 1], [0, 1, 0]]], dtype=torch.float)
+# Question 0 as above; question 1: every expert right once: a tie, skipped.
+ONE_ACTIVE = torch.tensor([[[1, 1, 0], [1, 0, 0], [0, 0, 0]],
+                           [[1, 0, 0], [0, 1, 0], [0, 0, 1]]], dtype=torch.float)
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "dr_grpo"])
-def test_micro_batched_policy_gradient_equals_the_whole_batch_gradient(world, aggregation):
-    model, w = world
-    ro = make_rollouts(w, DISAGREE)
-    advantages = torch.randn(2, 3, G, generator=torch.Generator().manual_seed(1))
-    advantages[0, 2] = 0.0  # rows with A = 0 are skipped: the result must not change
-    cfg = RielConfig(group_size=G, aggregation=aggregation, micro_batch_size=4, temperature=0.8,
-                     max_new_tokens=12)
+def test_the_accumulated_gradient_is_the_gradient_of_e7_written_out_on_the_whole_batch(world, aggregation):
+    """All four parts active: clipped E3 with nonzero advantages and π_old ≠ π_θ (some tokens
+    clipped), E4 with β > 0 against another model, E5 on two questions, and a buffer SFT; rows
+    scored in micro-batches of 3, E5 in two micro-batches that each hold one whole question."""
+    model, w, config = world
+    ref_model = tiny_model(config, 1)
+    ro = make_rollouts(w)
+    V = w.tokenizer.vocab_size
+    noise = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # π_old: the current policy, shifted by up to ±0.4 per token
+        ro.old_logprobs = [seq_logprob(model, p, c, V, 0.8) + 0.8 * (torch.rand(len(c), generator=noise) - 0.5)
+                           for p, c in zip(ro.prompts, ro.completions)]
+    advantages = group_advantages(TWO_ACTIVE, scale="group_std")
+    sft_items = [("q0", 2), ("q1", 0), ("q1", 1), ("q0", 0)]  # two micro-batches of 3 and 1
+    cfg = RielConfig(group_size=G, aggregation=aggregation, loss="clipped", clip_eps=0.1, beta=0.3,
+                     lambda1=0.5, lambda2=2.0, micro_batch_size=3, temperature=0.8, max_new_tokens=14)
     model.zero_grad()
-    out = policy_step(model, w, ro, advantages, cfg)
+    out = backward_e7(model, w, ro, TWO_ACTIVE, advantages, sft_items, BY_ID, cfg, ref_model)
+    got = grads(model)
+    assert out["inter_expert/active_questions"] == 2 and 0 < out["clip_ratio"] < 1
+
+    model.zero_grad()
+    logp, mask = padded([seq_logprob(model, p, c, V, 0.8) for p, c in zip(ro.prompts, ro.completions)])
+    with torch.no_grad():
+        ref_logp, _ = padded([seq_logprob(ref_model, p, c, V, 0.8) for p, c in zip(ro.prompts, ro.completions)])
+    old, _ = padded(ro.old_logprobs)
+    # E5's O+ by hand: q0 -> expert 0's rollouts 0, 1 against expert 2; q1 -> expert 1's 0, 2 against expert 0.
+    o_plus = [(0, 0, 0, 2), (0, 0, 1, 2), (1, 1, 0, 0), (1, 1, 2, 0)]  # (q, E+, g, E-)
+    plus = torch.stack([seq_logprob(model, ro.prompts[ro.rows[q, e, g]], ro.completions[ro.rows[q, e, g]], V, 0.8).sum()
+                        for q, e, g, _ in o_plus])
+    minus = torch.stack([seq_logprob(model, ro.prompts[ro.rows[q, m, 0]], ro.completions[ro.rows[q, e, g]], V, 0.8).sum()
+                         for q, e, g, m in o_plus])
+    sft_logp, sft_mask = padded([seq_logprob(model, expert_prompt(w.tokenizer, w.system_prompts[i], "synthetic", BY_ID[q]),
+                                             response_ids(w.tokenizer, BY_ID[q].solution), V) for q, i in sft_items])
+    max_len = 14 if aggregation == "dr_grpo" else None
+    e7 = (policy_loss(logp, mask, advantages.flatten(), old, clip_eps=0.1, aggregation=aggregation, max_len=max_len)
+          + 0.3 * reference_kl_loss(logp, ref_logp, mask, "k3", aggregation, max_len)
+          + 0.5 * inter_expert_kl(plus, minus, torch.tensor([0, 0, 1, 1]))
+          + 2.0 * nll_loss(sft_logp, sft_mask))
+    e7.backward()
+    assert out["loss/total"] == pytest.approx(e7.item(), rel=1e-4, abs=1e-6)
+    assert_same_grads(got, grads(model))
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "dr_grpo"])
+def test_rows_with_zero_advantage_are_skipped_without_changing_the_gradient(world, aggregation):
+    model, w, _ = world
+    ro = make_rollouts(w)
+    advantages = torch.randn(2, 3, G, generator=torch.Generator().manual_seed(1))
+    advantages[0, 2] = 0.0  # rows with A = 0 are not scored: the result must not change
+    cfg = RielConfig(group_size=G, aggregation=aggregation, micro_batch_size=4, temperature=0.8,
+                     max_new_tokens=12, lambda1=0.0)
+    model.zero_grad()
+    out = backward_e7(model, w, ro, ONE_ACTIVE, advantages, [], BY_ID, cfg)
     got = grads(model)
 
     model.zero_grad()
     V = w.tokenizer.vocab_size
-    logps = [seq_logprob(model, p, c, V, temperature=0.8) for p, c in zip(ro.prompts, ro.completions)]
-    width = max(len(lp) for lp in logps)
-    logp = torch.stack([torch.nn.functional.pad(lp, (0, width - len(lp))) for lp in logps])
-    mask = torch.stack([torch.arange(width) < len(lp) for lp in logps])
+    logp, mask = padded([seq_logprob(model, p, c, V, temperature=0.8) for p, c in zip(ro.prompts, ro.completions)])
     expected = policy_loss(logp, mask, advantages.flatten(), aggregation=aggregation,
                            max_len=12 if aggregation == "dr_grpo" else None)
     expected.backward()
@@ -128,32 +160,21 @@ def test_micro_batched_policy_gradient_equals_the_whole_batch_gradient(world, ag
     assert_same_grads(got, grads(model))
 
 
-def test_buffer_sft_is_the_nll_of_the_gold_solutions_under_each_experts_prompt(world):
-    model, w = world
-    items = [("q0", 2), ("q1", 0), ("q1", 1)]
-    by_id = {ex.id: ex for ex in EXAMPLES}
+def test_inter_expert_term_is_zero_when_experts_tie(world):
+    model, w, _ = world
+    rewards = torch.tensor([[[1, 0, 0]] * 3, [[0, 0, 0]] * 3], dtype=torch.float)
     model.zero_grad()
-    value = sft_step(model, w, items, by_id, RielConfig(micro_batch_size=2, sft_weight=2.0))
-    got = grads(model)
-
-    model.zero_grad()
-    tok, V = w.tokenizer, w.tokenizer.vocab_size
-    per_item = [seq_logprob(model, expert_prompt(tok, w.system_prompts[i], "synthetic", by_id[q]),
-                            response_ids(tok, by_id[q].solution), V) for q, i in items]
-    width = max(len(lp) for lp in per_item)
-    logp = torch.stack([torch.nn.functional.pad(lp, (0, width - len(lp))) for lp in per_item])
-    mask = torch.stack([torch.arange(width) < len(lp) for lp in per_item])
-    expected = nll_loss(logp, mask)  # token mean over all answer tokens
-    (2.0 * expected).backward()
-    assert value == pytest.approx(expected.item(), rel=1e-5)
-    assert_same_grads(got, grads(model))
+    out = backward_e7(model, w, make_rollouts(w), rewards, torch.zeros(2, 3, G), [], BY_ID, RielConfig(group_size=G))
+    assert out["loss/inter_expert_kl"] == 0.0 and out["inter_expert/active_questions"] == 0
+    assert grads(model) == {}
 
 
 def test_full_vocab_inter_expert_term_is_the_exact_kl_along_the_plus_rollouts(world):
-    model, w = world
-    ro = make_rollouts(w, DISAGREE)
+    model, w, _ = world
+    ro = make_rollouts(w)
     model.zero_grad()
-    out = inter_expert_step(model, w, ro, RielConfig(group_size=G, inter_expert_variant="full_vocab"))
+    cfg = RielConfig(group_size=G, inter_expert_variant="full_vocab", micro_batch_size=1)
+    out = backward_e7(model, w, ro, ONE_ACTIVE, torch.zeros(2, 3, G), [], BY_ID, cfg)
     got = grads(model)
 
     model.zero_grad()
@@ -169,3 +190,46 @@ def test_full_vocab_inter_expert_term_is_the_exact_kl_along_the_plus_rollouts(wo
     (0.1 * expected).backward()
     assert out["loss/inter_expert_kl"] == pytest.approx(expected.item(), rel=1e-4)
     assert_same_grads(got, grads(model))
+
+
+def test_buffer_targets_are_verified_expert_answers_with_the_gold_solution_when_there_is_none(world):
+    """--buffer-target expert: expert 1 has a verified answer to q0 only; its q1 item falls back
+    to q1's gold solution, and the fallback is counted."""
+    _, w, _ = world
+    tok = w.tokenizer
+    answered = World(tok, w.system_prompts, "synthetic", {("q0", 1): "4 + 3 = 7 #### 7"})
+    items = [("q0", 1), ("q1", 1), ("q1", 2)]
+    cfg = RielConfig(group_size=G, buffer_target="expert")
+    parts, fallbacks = select_parts(answered, make_rollouts(w), ONE_ACTIVE, torch.zeros(2, 3, G), items, BY_ID, cfg)
+    assert parts.sft_targets == [response_ids(tok, "4 + 3 = 7 #### 7"), response_ids(tok, BY_ID["q1"].solution),
+                                 response_ids(tok, BY_ID["q1"].solution)]
+    assert parts.sft_prompts[1] == expert_prompt(tok, w.system_prompts[1], "synthetic", BY_ID["q1"])
+    assert fallbacks == 2
+    gold, fallbacks = select_parts(answered, make_rollouts(w), ONE_ACTIVE, torch.zeros(2, 3, G), items, BY_ID,
+                                   RielConfig(group_size=G))
+    assert gold.sft_targets[0] == response_ids(tok, BY_ID["q0"].solution) and fallbacks == 0
+
+
+def test_rollouts_are_addressed_by_question_expert_and_rollout(world):
+    """score_rollouts reads the text of rows[q, i, g] against question q, and returns [Q, N, G]."""
+    _, w, _ = world
+    ro = make_rollouts(w)
+    right = {(0, 2, 1), (1, 0, 2), (1, 1, 0)}
+    ro.texts = ["#### 7" if (q, i, g) in right else "#### 8"
+                for q in range(2) for i in range(3) for g in range(G)]
+    ro.rows = ro.rows.flip(2)  # a different layout: rows[q, i, g] is now (q, i, G-1-g) of the text order
+    rewards = score_rollouts(ro, w, EXAMPLES)
+    assert rewards.shape == (2, 3, G)
+    assert {tuple(x) for x in rewards.nonzero().tolist()} == {(q, i, G - 1 - g) for q, i, g in right}
+    assert torch.equal(ro.per_row(rewards), torch.tensor([float(t == "#### 7") for t in ro.texts]))
+    assert ro.question_of_row().tolist() == [0] * 9 + [1] * 9
+
+
+def test_e5_micro_batches_hold_whole_questions():
+    question = torch.tensor([0, 0, 0, 2, 2, 5, 5, 5, 5, 7])
+    for size in (1, 2, 4, 100):
+        batches = _whole_questions(question, size)
+        assert torch.equal(torch.cat(batches), torch.arange(10))
+        for b in batches:  # no question is split, and a batch is over `size` only if it is one question
+            assert all(set((question == q).nonzero().flatten().tolist()) <= set(b.tolist()) for q in question[b])
+            assert len(b) <= size or len(question[b].unique()) == 1

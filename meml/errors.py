@@ -1,0 +1,10 @@
+"""The one exception class for mistakes in what a user gives us: a file, a data line, a flag.
+
+`train.py` and `evaluate.py` print such an error as one line, `train.py: <message>`, and exit
+with status 2 as argparse does; every other exception is a bug in meml and keeps its traceback.
+It is a ValueError, so code that catches ValueError still catches it.
+"""
+
+
+class InputError(ValueError):
+    """A user's mistake; the message names the file, line, field or flag, and what to do."""

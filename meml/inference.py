@@ -1,0 +1,64 @@
+"""The front door: load a checkpoint with its tokenizer, and turn conversations into completions.
+
+    from meml.inference import load, complete
+    model, tokenizer = load("runs/default/checkpoint-002600")
+    out = complete(model, tokenizer, ["What is 17 + 25?"])             # greedy
+    print(out.texts[0])
+    out = complete(model, tokenizer, [[{"role": "system", "content": "You are Expert 1."},
+                                       {"role": "user", "content": "What is 17 + 25?"}]],
+                   temperature=1.0, max_new_tokens=64)
+
+`load` fits the tokenizer to the model (ids past the model's vocabulary dropped, stop / pad ids
+checked) and `complete` hands the sampler the tokenizer's stop ids, pad id and vocabulary
+limit, so a caller never copies them by hand. RIEL's rollouts (meml/riel.py), MEF's teacher data
+(meml/mef.py) and evaluation (meml/evaluation.py) all generate through `complete`.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from meml.model import Transformer
+from meml.sampler import generate
+from meml.tokenizer import Tokenizer
+
+
+def load(path, *, device="cpu", dtype=torch.float32) -> tuple[Transformer, Tokenizer]:
+    """A Hugging Face-layout checkpoint folder -> (model, tokenizer fitted to the model)."""
+    model = Transformer.from_pretrained(path, dtype=dtype, device=device)
+    tokenizer = Tokenizer.from_pretrained(path)
+    tokenizer.fit_to_model(model.config.vocab_size, source=str(path))
+    return model, tokenizer
+
+
+@dataclass
+class Completions:
+    texts: list[str]                  # decoded completions, special tokens dropped
+    prompt_ids: list[list[int]]       # the rendered prompts
+    completion_ids: list[list[int]]   # generated ids, stop token included
+    logprobs: list[torch.Tensor]      # [len] float32 on CPU: log π of each generated token
+    finished: list[bool]              # True: stopped at a stop id; False: cut at max_new_tokens
+
+
+@torch.no_grad()
+def complete(model, tokenizer, conversations: list, *, max_new_tokens: int = 256,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 64,
+             generator: torch.Generator | None = None) -> Completions:
+    """Generate one completion per conversation, `batch_size` rows per sampler call.
+
+    conversations: each a list of {"role", "content"} messages, or a string (one user message).
+    temperature 0 is greedy; otherwise draws follow temperature -> top-k -> top-p from
+    `generator` (meml/sampler.py), which is also where the reported log-probs are defined.
+    """
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": c}] if isinstance(c, str) else c,
+                                             add_generation_prompt=True) for c in conversations]
+    out = Completions([], prompts, [], [], [])
+    for start in range(0, len(prompts), batch_size):
+        gen = generate(model, prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
+                       stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size,
+                       temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        for ids, mask, logprobs, done in zip(gen.completion_ids, gen.completion_mask, gen.logprobs, gen.finished):
+            out.completion_ids.append(ids[mask].tolist())
+            out.logprobs.append(logprobs[mask].float().cpu())
+            out.finished.append(bool(done))
+    out.texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in out.completion_ids]
+    return out
