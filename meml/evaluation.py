@@ -37,6 +37,17 @@ def majority_vote(answers: list[str | None]) -> str | None:
     return next(a for a in answers if a is not None and votes[a] == top)
 
 
+def judge(dataset: str, texts: list[str], example) -> tuple[list[bool], bool]:
+    """One question's expert answers -> (each expert right?, is the majority vote right?).
+
+    Votes read each answer exactly as the reward does (`extract_answer` with the question's
+    options), so a MathQA answer written as an option's value votes for that option's letter."""
+    correct = [reward(dataset, text, example) == 1.0 for text in texts]
+    answers = [extract_answer(dataset, text, example.options) for text in texts]
+    winner = majority_vote(answers)
+    return correct, winner is not None and correct[answers.index(winner)]
+
+
 def oracle_accuracy(correct: list[list[bool]]) -> float:
     """correct[q][i]: expert i right on question q. Fraction of questions some expert gets right."""
     return accuracy([any(row) for row in correct])
@@ -93,22 +104,16 @@ def evaluate_experts(model, tokenizer, examples, system_prompts: list[str], data
                      max_new_tokens: int = 256, batch_size: int = 64, pass_k: int = 0,
                      seed: int = 0) -> dict:
     """E8: greedy accuracy per expert prompt, majority vote, oracle, error overlap; and pass@1 /
-    pass@k per expert from `pass_k` samples at temperature 1 (skipped when pass_k is 0).
-
-    Votes read each answer exactly as the reward does (`extract_answer` with the question's
-    options), so an answer the reward accepts is a vote for the gold answer."""
+    pass@k per expert from `pass_k` samples at temperature 1 (skipped when pass_k is 0)."""
     model.eval()
     conversations, rows = expert_grid(examples, system_prompts, dataset, copies=1)  # rows [Q, N, 1]
     texts = complete(model, tokenizer, conversations, max_new_tokens=max_new_tokens,
                      batch_size=batch_size).texts
     correct, votes_right = [], []
     for q, ex in enumerate(examples):
-        row = [texts[r] for r in rows[q, :, 0].tolist()]  # one greedy answer per expert
-        ok = [reward(dataset, t, ex) == 1.0 for t in row]
-        answers = [extract_answer(dataset, t, ex.options) for t in row]
-        winner = majority_vote(answers)
-        votes_right.append(winner is not None and ok[answers.index(winner)])
+        ok, vote_ok = judge(dataset, [texts[r] for r in rows[q, :, 0].tolist()], ex)  # one answer per expert
         correct.append(ok)
+        votes_right.append(vote_ok)
     result = {
         "num_questions": len(examples),
         "accuracy": [accuracy([row[i] for row in correct]) for i in range(len(system_prompts))],

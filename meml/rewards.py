@@ -9,6 +9,8 @@ so the total work is O(len(text) * _WINDOW) however many markers the text repeat
 Rules (the same for every data set):
 - An answer follows one of these markers (case-insensitive): `#### x`, `\\boxed{x}`, and
   "answer is x" / "answer: x" (so "The answer is", "The final answer is", "**Answer:**").
+  Inside a box, `\\text{x}` (and \\textbf, \\mathrm, ...) reads as x; after a marker the
+  answer may stand in quotes or parentheses ("'b'", "(5)").
 - When a completion has several, the LAST marker that is followed by a readable answer wins
   (a model that corrects itself is scored on its correction; a marker followed by something
   unreadable, e.g. "the answer is below", is skipped). No marker, no answer: reward 0.
@@ -19,7 +21,7 @@ Rules (the same for every data set):
   is ignored ("72 clips", "25%", but also "5 - 3 = 2" reads 5: expressions are not evaluated).
   Values compare EXACTLY as rationals: "5.0" == "5", "0.5" == "1/2", but "0.333" != "1/3"
   (no tolerance: GSM8K and synthetic answers are integers). Malformed groupings such as
-  "1,2345" are not read as numbers. At most 40 digits per part.
+  "1,2345" and dotted runs such as "10.5.3" are not read as numbers. At most 40 digits per part.
 - MathQA: the option letter a-e ("c", "(c)", "c )", "option c"), or the option's value
   ("625", "31/36", "rs. 400"), mapped back to its letter through `Example.options`: an exact
   match of the text (case and spacing ignored) first, else an equal number when exactly one
@@ -40,24 +42,27 @@ _WINDOW = 120  # characters read after a marker; bounds the work per marker
 _MARKER = re.compile(r"####|\\boxed\s{0,2}\{|\banswer\s{0,3}(?:is\b|:)", re.IGNORECASE)
 
 _NUMBER = re.compile(r"""
-    [\s*:=]{0,8}                                   # "is: ", "= ", markdown bold
+    [\s*:=("']{0,8}                                # "is: ", "= ", markdown bold, "(5)", "'5'"
     (?P<sign>[-\u2212])?\s?(?:\\?\$\s?)?(?P<sign2>[-\u2212])?\s?   # -$3, $-3, \$3
     (?:
         \\d?frac\{(?P<fnum>\d{1,40})\}\{(?P<fden>\d{1,40})\}    # \frac{3}{4}
       | (?P<int>\d{1,3}(?:,\d{3}){1,13}|\d{1,40})(?!,?\d)       # 1,080 or 1080, not 1,2345
         (?: \.(?P<dec>\d{1,40})(?![.\d]\d)                      # 5.0 (not 1.2.3)
           | \s?/\s?(?P<den>\d{1,40})(?!\d) )?                   # 3/4
-      | \.(?P<lead>\d{1,40})(?!\d)                              # .5
+        (?!\.\d)                                                # 10.5.3 is no number at all
+      | \.(?P<lead>\d{1,40})(?![.\d]\d)                         # .5
     )
 """, re.VERBOSE)
 
 _LETTER = re.compile(r"""
     [\s*:=("'$]{0,8}(?:(?:option|choice)\s{0,2})?\(?\s?
-    (?P<letter>[a-e])\s?\)?
-    (?=\s{0,3}(?:[).,:;!*$}\n]|\Z))                # a letter alone, not "a bit"
+    (?P<letter>[a-e])
+    (?:\s?\)|(?=\s{0,3}(?:[.,:;!*$}\n"']|\Z)))      # "c)", or a letter alone: not "a bit"
 """, re.VERBOSE | re.IGNORECASE)
 
 _YES_NO = re.compile(r"[\s*:=(\"']{0,8}(?P<word>yes|no|true|false)\b", re.IGNORECASE)
+
+_TEXT_COMMAND = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\s?\{([^{}]{0,100})\}")
 
 _UNIT_PREFIX = re.compile(r"(?:rs|inr|usd)\s?\.?\s?", re.IGNORECASE)
 
@@ -93,8 +98,10 @@ def _boxed_content(text: str, start: int) -> str | None:
         elif text[i] == "}":
             depth -= 1
             if depth == 0:
-                # LaTeX thousands separators and thin spaces: 1{,}080, 1\,080
-                return text[start:i].replace("{,}", ",").replace("\\,", "").replace("\\!", "")
+                # LaTeX thousands separators and thin spaces: 1{,}080, 1\,080; text wrappers:
+                # \text{C}, \textbf{Yes}, \mathrm{5} read as their contents
+                content = _TEXT_COMMAND.sub(r"\1", text[start:i])
+                return content.replace("{,}", ",").replace("\\,", "").replace("\\!", "")
     return None
 
 

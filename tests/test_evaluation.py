@@ -53,3 +53,20 @@ def test_pass_at_k_matches_its_definition():
 def test_pass_at_k_rejects_impossible_counts():
     with pytest.raises(ValueError, match="n=4, c=5"):
         pass_at_k(4, 5, 1)
+
+
+def test_majority_vote_reads_mathqa_answers_as_the_reward_does():
+    """Option c is 12. "The answer is 12" earns reward 1, so it must vote for c: with votes
+    12 (= c), b, c the vote is c and right. Read without the options, "12" would cast no vote,
+    b and c would tie and the tie would go to b, the lower-index expert's answer."""
+    from meml.data import Example
+    from meml.evaluation import judge
+    ex = Example("m", "q", "c", "s", {"a": "4", "b": "14", "c": "12", "d": "2", "e": "16"})
+    correct, vote_right = judge("mathqa", ["The answer is 12", "The answer is c", "The answer is b"], ex)
+    assert correct == [True, True, False] and vote_right
+    correct, vote_right = judge("mathqa", ["The answer is 12", "The answer is b", "The answer is c"], ex)
+    assert correct == [True, False, True] and vote_right  # c (value + letter) beats b
+    correct, vote_right = judge("mathqa", ["The answer is 12", "The answer is b", "The answer is (b)"], ex)
+    assert correct == [True, False, False] and not vote_right
+    correct, vote_right = judge("mathqa", ["The answer is 12", "The answer is 12.", "#### b"], ex)
+    assert correct == [True, True, False] and vote_right

@@ -42,6 +42,16 @@ from meml.rewards import extract_answer, option_for_value, reward
     ("no marker here: 72", None),                          # no fall-back to the last number
     ("", None),
     ("\\boxed{72", None),                                  # unclosed box
+    # answer styles of instruct and math checkpoints (Llama 3.x, Qwen2.5-Math, R1-style)
+    ("The final answer is: $\\boxed{18}$", "18"),
+    ("The final answer is $\\boxed{18}$.", "18"),
+    ("\\boxed{\\text{5}}", "5"),
+    ("\\boxed{\\textbf{12} \\text{ apples}}", "12"),
+    ("The answer is (5).", "5"),
+    ("The answer is '5'", "5"),
+    ('The answer is "5".', "5"),
+    ("The answer is 10.5.3", None),                        # a version number, not 10
+    ("The answer is 10.5.", "10.5"),                       # a sentence's full stop is no digit
 ])
 def test_numeric_extraction(text, expected):
     assert extract_answer("gsm8k", text) == expected
@@ -76,6 +86,12 @@ OPTIONS = {"a": "24", "b": "120", "c": "625", "d": "rs . 400", "e": "31 / 36"}
     ("The answer is 999", None),                           # no option holds it
     ("The answer is a bit unclear", None),                 # "a" inside a sentence is no letter
     ("The answer is b. No, the answer is d.", "d"),
+    ("\\boxed{\\text{C}}", "c"),
+    ("$\\boxed{\\textbf{(B)}}$", "b"),
+    ("The answer is 'b'", "b"),
+    ('The answer is "c".', "c"),
+    ("Answer: C) 625", "c"),
+    ("The correct answer is (e) 31/36.", "e"),
 ])
 def test_mathqa_extraction(text, expected):
     assert extract_answer("mathqa", text, OPTIONS) == expected
@@ -93,6 +109,9 @@ def test_mathqa_value_that_two_options_share_is_no_answer():
     ("The answer is yes. Actually, the answer is no.", "no"),
     ("The answer is not obvious", None),
     ("yes", None),                                         # no marker
+    ("\\boxed{\\text{Yes}}", "yes"),
+    ("The final answer is $\\boxed{\\textbf{No}}$.", "no"),
+    ("The answer is 'yes'.", "yes"),
 ])
 def test_strategyqa_extraction(text, expected):
     assert extract_answer("strategyqa", text) == expected
