@@ -197,7 +197,10 @@ def resume_stage(state: dict | None, stage: Stage, optimizer, checkpoint: Path |
     return step
 
 
-def evaluate(task: Task, cfg: TrainConfig) -> dict:
+def evaluate(task: Task, cfg: TrainConfig) -> dict | None:
+    """E8 on the held-out questions (None when there are none: --eval-size 0)."""
+    if not task.evals:
+        return None
     return evaluate_experts(task.model, task.tokenizer, task.evals, task.system_prompts, task.dataset,
                             max_new_tokens=cfg.eval_max_new_tokens, pass_k=cfg.pass_k, seed=cfg.seed)
 

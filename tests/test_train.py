@@ -261,3 +261,84 @@ def test_resume_refuses_an_optimizer_state_for_another_layout_and_names_the_file
     assert train.main(["--resume", str(run)]) == 2
     assert f"train.py: cannot resume from {path}: its optimizer state does not fit" in capsys.readouterr().err
     assert (run / "metrics.jsonl").read_text() == metrics_before  # nothing lost
+
+
+def _run_cli(script, args, cwd):
+    return subprocess.run([sys.executable, str(REPO_ROOT / script)] + args, cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_a_users_mistake_is_one_line_and_exit_2_not_a_traceback(tmp_path):
+    for script, args, message in [
+            ("train.py", ["--lambda1", "-0.1", "--output", str(tmp_path / "a")], "train.py: --lambda1 -0.1: must be at least 0"),
+            ("train.py", ["--resume", str(tmp_path / "nothing")], f"train.py: {tmp_path / 'nothing' / 'args.json'} not found"),
+            ("evaluate.py", ["--model", str(tmp_path / "missing"), "--dataset", "synthetic"], "evaluate.py: "),
+    ]:
+        done = _run_cli(script, args, tmp_path)
+        assert done.returncode == 2, (script, done.stderr)
+        assert done.stderr.startswith(message) and "Traceback" not in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def _model_folder(tmp_path):
+    from meml import synthetic_assets
+    from meml.model import ModelConfig, Transformer
+    folder = synthetic_assets.write_synthetic_assets(tmp_path / "model")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_json(folder / "config.json"))
+    model.init_weights()
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("num_questions, extra, message", [
+    (2, [], "holds 2 questions and --eval-size 200 holds out the last 200 for evaluation, leaving none to train on"),
+    (3, ["--eval-size", "3"], "holds 3 questions and --eval-size 3 holds out the last 3"),
+    (0, [], "holds no questions"),
+])
+def test_a_data_file_that_leaves_nothing_to_train_on_stops_naming_the_file(tmp_path, capsys, num_questions, extra, message):
+    folder = _model_folder(tmp_path)
+    data, _ = _gsm8k_files(tmp_path, num=num_questions)
+    args = ["--model", str(folder), "--dataset", "gsm8k", "--data", str(data), "--output", str(tmp_path / "run")]
+    assert train.main(args + extra) == 2
+    assert f"train.py: {data} {message}" in capsys.readouterr().err
+
+
+def test_eval_size_0_trains_on_every_question_and_evaluates_none(tmp_path, capsys):
+    folder = _model_folder(tmp_path)
+    data, _ = _gsm8k_files(tmp_path, num=5)
+    args = ["--model", str(folder), "--dataset", "gsm8k", "--data", str(data), "--output", str(tmp_path / "run"),
+            "--eval-size", "0", "--mef-steps", "1", "--riel-steps", "0", "--mef-batch-size", "2"]
+    assert train.main(args) == 0
+    assert "MEF: 5 answers from experts [0, 1, 2]" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["results"]["after MEF"] is None
+
+
+def test_a_truncated_safetensors_file_is_named_in_the_error(tmp_path, capsys):
+    import evaluate
+    folder = _model_folder(tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert evaluate.main(["--model", str(folder), "--dataset", "synthetic"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"evaluate.py: {weights}: not a readable safetensors file") and "truncated" in err
+
+
+def test_a_checkpoint_carries_a_chat_template_that_lives_only_in_chat_template_jinja(tmp_path):
+    """Recent transformers saves the template as chat_template.jinja, not in tokenizer_config.json:
+    the run's checkpoints must carry that file, or they cannot be loaded and evaluated."""
+    from meml.inference import load
+    folder = _model_folder(tmp_path)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "chat_template.jinja").write_text(config.pop("chat_template"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    data, _ = _gsm8k_files(tmp_path, num=6)
+    run = tmp_path / "run"
+    assert train.main(["--model", str(folder), "--dataset", "gsm8k", "--data", str(data), "--output", str(run),
+                       "--eval-size", "2", "--mef-steps", "1", "--riel-steps", "0", "--pass-k", "0",
+                       "--eval-max-new-tokens", "4"]) == 0
+    checkpoint = run / "checkpoint-000001"
+    assert (checkpoint / "chat_template.jinja").read_text() == (folder / "chat_template.jinja").read_text()
+    _, tokenizer = load(checkpoint)
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == \
+        load(folder)[1].apply_chat_template([{"role": "user", "content": "hi"}])
