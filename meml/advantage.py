@@ -1,11 +1,11 @@
-"""Intra-expert advantages (E2 of METHOD.md) and the reward statistics a trainer logs.
+"""Intra-expert advantages (E2 in README.md) and the reward statistics a trainer logs.
 
 A "group" is the G rollouts one expert produced for one question, so rewards arrive as a tensor
 [Q, N, G] (questions x experts x rollouts) and every statistic is taken over the last axis.
 This is GRPO's group baseline applied per expert: experts never share a baseline, which is what
 makes each expert's advantage "intra-expert".
 
-Departures from textbook GRPO, each a named option (METHOD.md [decision]s):
+Departures from textbook GRPO, each a named option (decisions D3 and D4 in README.md):
 - std scaling is optional (`scale="none" | "group_std" | "batch_std"`); the std uses ddof=0
   (population std, as GRPO's paper writes it) and eps=1e-6 is added to the denominator;
 - a group whose rewards are all equal carries no signal and gets advantage exactly 0, whatever

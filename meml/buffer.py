@@ -1,10 +1,10 @@
 """The hard-example buffer of E6: questions an expert mostly fails are replayed as SFT.
 
-For every (question, expert i) group of G rollouts, if more than K are wrong
-(METHOD.md [decision]: strictly more than K), the item is added with probability K/G.
+For every (question, expert i) group of G rollouts, if more than K are wrong (decision D10 in
+README.md: strictly more than K), the item is added with probability K/G.
 When the buffer holds `capacity` items, the trainer pops them all, adds
 L_SFT = −mean log π_θ(S | Q, P) (`meml.losses.nll_loss`) to that step's loss (E7), and the
-buffer starts empty again (METHOD.md [decision]: cleared, not a sliding window).
+buffer starts empty again (decision D12: cleared, not a sliding window).
 
 The buffer does not know what an item is: the trainer stores whatever lets it rebuild the
 (Q, P_i, S) triple later, e.g. (example_id, expert). Which target S to use (the gold worked

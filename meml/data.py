@@ -1,7 +1,7 @@
 """Data records shared by every data source (GSM8K, MathQA, StrategyQA, the synthetic world),
 and the loaders that read the real files in their original formats into them.
 
-A question with a verifiable gold answer and a gold worked solution (METHOD.md, Notation), and
+A question with a verifiable gold answer and a gold worked solution (README.md, "The method in eight equations"), and
 an expert's reference answer used by MEF (E1), stored as JSONL (format below).
 """
 import ast

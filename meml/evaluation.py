@@ -1,7 +1,7 @@
 """E8: how a multi-expert model is scored.
 
 Inference uses one model with one expert prompt and greedy decoding (E8). Besides each expert's
-accuracy, METHOD.md asks for three views across experts, all computed here from a table of
+accuracy, E8 asks for three views across experts, all computed here from a table of
 per-question correctness and extracted answers, so they can be checked by hand:
 
 - majority vote: the answer most experts give (ties go to the answer of the lowest-index expert

@@ -4,9 +4,10 @@ E4 compares the policy with a frozen reference model along the policy's own samp
 Schulman's three estimators k1, k2, k3. E5 compares the policy with *itself* under two system
 prompts: per question the best expert E+ and the worst E−, along E+'s correct rollouts O+.
 
-Departure from the paper, decision D7 (README.md, "Decisions"): the paper prints log p(O+|P−) − log p(O+|P+);
-minimised literally that pushes the weak expert *away* from the good answer. Here the term is
-sg(log π(O+|P+)) − log π(O+|P−): only the E− branch receives gradient, and it moves toward O+.
+Departure from the paper, decision D7 (README.md, "Decisions"): the paper prints
+log p(O+|P−) − log p(O+|P+); minimised literally, that pushes the weak expert *away* from the
+good answer. Here the term is sg(log π(O+|P+)) − log π(O+|P−): only the E− branch receives
+gradient, and it moves toward O+.
 Its value is a one-sample estimate of KL(π(·|P+) ‖ π(·|P−)) along O+.
 """
 import torch

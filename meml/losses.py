@@ -2,11 +2,16 @@
 the NLL of E1 (MEF) and E6 (hard-example buffer), and the total E7.
 
 Every loss here is built the same way: a per-token quantity [B, T] is reduced over the tokens
-of an explicit completion mask [B, T] by one of three aggregation modes (METHOD.md, E3):
+of an explicit completion mask [B, T] by one of three aggregation modes (E3'; decision D6 in
+README.md):
 
   "token_mean"           sum_{b,t} x·m / sum_{b,t} m           one global denominator
   "seq_mean_token_mean"  mean_b ( sum_t x·m / |o_b| )           GRPO: every sequence weighs 1/B
   "dr_grpo"              sum_{b,t} x·m / (B · max_len)          Dr.GRPO: a constant denominator
+
+Each is a sum divided by a denominator. When rows are scored in micro-batches, each micro-batch
+is given the whole batch's denominator (`denominator=`), so the micro-batches' losses and
+gradients add up to the whole batch's: how the RIEL step accumulates E7 (meml/riel.py).
 
 Rows are sequences. The training loop flattens rollouts [Q, N, G] into B = Q·N·G rows; since
 every (question, expert) group has the same G, the batch mean over rows *is* the paper's

@@ -1,4 +1,5 @@
-"""The verifiers: read a completion's final answer and score it 0 or 1 (r(O) in METHOD.md).
+"""The verifiers: read a completion's final answer and score it 0 or 1: the reward r(O) of
+E2-E6 (decision D16 in README.md).
 
 RLVR rewards are exact matches of an extracted final answer, so this file decides what counts
 as "the final answer". It never executes model text (no eval): it only runs regular

@@ -6,13 +6,13 @@ row's last prompt token sits in the same column, and one shared cache index serv
 the prompt is prefilled once, and each step feeds one token per row.
 
 What a caller gets back (`Generation`) is what the losses need: completion ids, a mask that
-includes the stop token (METHOD.md: "EOS included"), whether each row stopped or was truncated,
-and the log-prob of every sampled token under the *unfiltered* distribution at the sampling
-temperature, log softmax(logits[:vocab_limit] / T). These are pi_old for the clipped objective
-(E3') and must be the numbers the trainer recomputes from the same weights; the trainer scores
-tokens with a plain temperature softmax (METHOD.md: "log-probs are computed from logits divided
-by the sampling temperature"), so top-k / top-p only choose which token is drawn and never
-renormalise the reported log-prob. Greedy decoding (temperature 0) reports log-probs at T = 1.
+includes the stop token, whether each row stopped or was truncated, and the log-prob of every
+sampled token under the *unfiltered* distribution at the sampling temperature,
+log softmax(logits[:vocab_limit] / T). These are pi_old for the clipped objective (E3') and
+must be the numbers the trainer recomputes from the same weights; the trainer scores tokens
+with a plain temperature softmax (decision D2 in README.md), so top-k / top-p only choose which
+token is drawn and never renormalise the reported log-prob. Greedy decoding (temperature 0)
+reports log-probs at T = 1.
 
 Departures from `transformers.generate`: stop ids are a set checked only on generated tokens
 (chat templates put EOS inside prompts), padded-vocabulary ids (>= vocab_limit) are never

@@ -8,7 +8,7 @@ runs the whole method on a world this module builds from a seed:
   which kinds of step appear (DIFFICULTIES);
 - three programmatic teachers that solve every problem correctly in *different formats*, so
   that experts learned from them make different mistakes, as the paper's heterogeneous teachers
-  do (METHOD.md, E1). Teacher 0 is the gold solution (Expert0 = the data set's gold solution):
+  do (E1). Teacher 0 is the gold solution (Expert0 = the data set's gold solution):
     0 "steps":   one line per step with its intermediate result, ends `#### n`
     1 "compact": the whole problem as one expression, evaluated at once, ends `The answer is n.`
     2 "ledger":  all gains and all losses of a stretch totalled first, then combined, ends
@@ -256,7 +256,7 @@ def solve_ledger(p: Problem) -> str:
 
 TEACHERS = (solve_steps, solve_compact, solve_ledger)
 
-# The system prompt P_i each expert is conditioned on (METHOD.md, Notation), in teacher order.
+# The system prompt P_i each expert is conditioned on (README.md, "The method in eight equations"), in teacher order.
 EXPERT_PROMPTS = (
     "Solve step by step. End with ####.",
     "Write one expression. End with The answer is.",
