@@ -39,7 +39,8 @@ from meml.model import ModelConfig, Transformer
 from meml.prompts import EXPERT_SYSTEM_PROMPTS, read_system_prompts
 from meml.riel import World, riel_step
 from meml.tokenizer import Tokenizer
-from meml.trainer import LossNotFinite, Stage, batch_indices, make_optimizer, restore, run_stage, truncate_metrics
+from meml.trainer import (LossNotFinite, Stage, batch_indices, make_optimizer, mixed_precision, restore, run_stage,
+                          truncate_metrics)
 
 
 def parse_args(argv=None):
@@ -62,7 +63,13 @@ def parse_args(argv=None):
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the model lives (default: cuda when available)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="parameter dtype (bfloat16 halves memory on GPU; optimizer states follow it)")
+                   help="compute dtype. bfloat16: mixed precision, matmuls in bf16 under autocast, fp32 "
+                        "master weights and AdamW states (as TRL, verl and nanochat); checkpoints' HF "
+                        "files in bf16, the fp32 masters in trainer_state.pt")
+    g.add_argument("--bf16-weights", action="store_true",
+                   help="with --dtype bfloat16: keep the weights and AdamW's states themselves in bf16 "
+                        "(half the memory). An update smaller than ~2^-9 of a weight rounds away, so at "
+                        "small learning rates (the paper's 1e-6) most updates are lost")
     add_option_flags(p)  # every method option of meml/config.py, grouped by stage
     return p.parse_args(argv)
 
@@ -98,7 +105,23 @@ def split_questions(examples: list[Example], path: Path, eval_size: int) -> tupl
     return examples[:len(examples) - eval_size], examples[len(examples) - eval_size:]
 
 
-def build_task(args, cfg: TrainConfig, run_dir: Path, device, dtype) -> Task:
+@dataclass
+class Precision:
+    """--dtype and --bf16-weights: what the weights are stored in, what matmuls run in, what
+    checkpoints' HF files hold."""
+    weights: torch.dtype
+    compute: torch.dtype
+    save: torch.dtype
+
+
+def precision_of(args) -> Precision:
+    compute = getattr(torch, args.dtype)
+    if args.bf16_weights and compute != torch.bfloat16:
+        raise InputError("--bf16-weights needs --dtype bfloat16")
+    return Precision(compute if args.bf16_weights else torch.float32, compute, compute)
+
+
+def build_task(args, cfg: TrainConfig, run_dir: Path, device, precision: Precision) -> Task:
     """The model, tokenizer, questions and expert answers of this run."""
     if args.model is None:  # the built-in synthetic world: assets written once into the run folder
         model_dir = synthetic_assets.write_synthetic_assets(run_dir / "synthetic", seed=cfg.seed)
@@ -108,14 +131,14 @@ def build_task(args, cfg: TrainConfig, run_dir: Path, device, dtype) -> Task:
         torch.manual_seed(cfg.seed)
         model = Transformer(ModelConfig.from_json(model_dir / "config.json"))
         model.init_weights()
-        model = model.to(device=device, dtype=dtype)
+        model = model.to(device=device, dtype=precision.weights)
         tokenizer = Tokenizer.from_pretrained(model_dir)
         tokenizer.fit_to_model(model.config.vocab_size, source=str(model_dir))
     else:
         if args.dataset is None or args.data is None:
             raise InputError("--model needs --dataset and --data")
         model_dir, dataset = args.model, args.dataset
-        model, tokenizer = load(model_dir, device=device, dtype=dtype)
+        model, tokenizer = load(model_dir, device=device, dtype=precision.weights)
         examples = data.LOADERS[dataset](args.data)
         if args.eval_data:
             train, evals, eval_source = examples, data.LOADERS[dataset](args.eval_data)[:cfg.eval_size], args.eval_data
@@ -141,7 +164,7 @@ def build_task(args, cfg: TrainConfig, run_dir: Path, device, dtype) -> Task:
             raise InputError(f"--train-size {args.train_size} leaves no question to train on")
     in_train = {ex.id for ex in train}
     answers = [a for a in answers if a.id in in_train]  # answers to held-out questions never train
-    answers += teacher_answers(args, cfg, run_dir, train, prompts, dataset, device, dtype)
+    answers += teacher_answers(args, cfg, run_dir, train, prompts, dataset, device, precision.compute)
     answers, dropped = verified_answers(answers, train, dataset)
     experts = [cfg.expert] if cfg.single_expert else list(range(len(prompts)))
     if max(experts) >= len(prompts):
@@ -151,8 +174,9 @@ def build_task(args, cfg: TrainConfig, run_dir: Path, device, dtype) -> Task:
 
 
 def teacher_answers(args, cfg, run_dir, train, prompts, dataset, device, dtype) -> list[ExpertAnswer]:
-    """--teacher DIR (repeatable): expert n's answers written by a local checkpoint, verified,
-    saved as run_dir/expert<n>.jsonl (and read back from there on --resume)."""
+    """--teacher DIR (repeatable): expert n's answers written by a local checkpoint (loaded in
+    the compute dtype: it only generates), verified, saved as run_dir/expert<n>.jsonl (and read
+    back from there on --resume)."""
     answers = []
     for n, teacher_dir in enumerate(args.teacher, start=1):
         if n >= len(prompts):
@@ -197,12 +221,13 @@ def resume_stage(state: dict | None, stage: Stage, optimizer, checkpoint: Path |
     return step
 
 
-def evaluate(task: Task, cfg: TrainConfig) -> dict | None:
+def evaluate(task: Task, cfg: TrainConfig, precision: Precision) -> dict | None:
     """E8 on the held-out questions (None when there are none: --eval-size 0)."""
     if not task.evals:
         return None
-    return evaluate_experts(task.model, task.tokenizer, task.evals, task.system_prompts, task.dataset,
-                            max_new_tokens=cfg.eval_max_new_tokens, pass_k=cfg.pass_k, seed=cfg.seed)
+    with mixed_precision(task.model.output_weight.device.type, precision.compute):
+        return evaluate_experts(task.model, task.tokenizer, task.evals, task.system_prompts, task.dataset,
+                                max_new_tokens=cfg.eval_max_new_tokens, pass_k=cfg.pass_k, seed=cfg.seed)
 
 
 def mef_steps_of(task: Task, cfg: TrainConfig) -> int:
@@ -210,7 +235,8 @@ def mef_steps_of(task: Task, cfg: TrainConfig) -> int:
     return cfg.mef_steps if cfg.mef_steps is not None else math.ceil(items * cfg.mef_epochs / cfg.mef_batch_size)
 
 
-def run_mef(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, checkpoint: Path | None) -> None:
+def run_mef(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, checkpoint: Path | None,
+            precision: Precision) -> None:
     """Stage 1, E1: SFT of every expert prompt on its expert's verified answers."""
     items = mef_items(task.tokenizer, task.train, task.answers, task.system_prompts, task.dataset, task.experts)
     steps = mef_steps_of(task, cfg)
@@ -219,7 +245,7 @@ def run_mef(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, che
     if not items and steps:
         raise InputError(f"MEF has no verified answer to train on for experts {task.experts}")
     stage = Stage("mef", steps, cfg.mef_lr, cfg.save_every, cfg.grad_clip, cfg.weight_decay,
-                  cfg.warmup_steps, cfg.mef_schedule)
+                  cfg.warmup_steps, cfg.mef_schedule, compute_dtype=precision.compute, save_dtype=precision.save)
     optimizer = make_optimizer(task.model, stage)
     start = resume_stage(state, stage, optimizer, checkpoint)
 
@@ -235,7 +261,7 @@ def run_mef(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, che
 
 
 def run_riel(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, checkpoint: Path | None,
-             mef_steps: int, carry: dict, device, dtype) -> None:
+             mef_steps: int, carry: dict, device, precision: Precision) -> None:
     """Stage 2, E2-E7: `riel_step` on batches of questions, one optimizer step each."""
     r = cfg.riel
     steps = cfg.riel_steps if cfg.riel_steps is not None else math.ceil(len(task.train) * cfg.riel_epochs / r.questions_per_step)
@@ -247,13 +273,14 @@ def run_riel(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, ch
                                      ("loss/sft", buffer is None)] if off]
     stage = Stage("riel", steps, cfg.riel_lr, cfg.save_every, cfg.grad_clip, cfg.weight_decay, 0,
                   step_offset=mef_steps, generators={"sampling": generator},
-                  extra_state={"buffer": buffer} if buffer is not None else {}, hidden_losses=tuple(hidden))
+                  extra_state={"buffer": buffer} if buffer is not None else {}, hidden_losses=tuple(hidden),
+                  compute_dtype=precision.compute, save_dtype=precision.save)
     ref_model = None
     if r.beta > 0:  # E4's reference: the policy as RIEL starts, kept on disk for resume
         ref_dir = run_dir / "reference"
         if checkpoint is None or state["stage"] != "riel":
-            task.model.save_pretrained(ref_dir)
-        ref_model = Transformer.from_pretrained(ref_dir, dtype=dtype, device=device).eval()
+            task.model.save_pretrained(ref_dir, dtype=precision.compute)
+        ref_model = Transformer.from_pretrained(ref_dir, dtype=precision.compute, device=device).eval()
         ref_model.requires_grad_(False)
     optimizer = make_optimizer(task.model, stage)
     start = resume_stage(state, stage, optimizer, checkpoint)
@@ -319,7 +346,10 @@ def run(argv=None) -> int:
     if not args.resume:
         args.output.mkdir(parents=True, exist_ok=True)
         (args.output / "args.json").write_text(json.dumps(sys.argv[1:] if argv is None else list(argv)))
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device, precision = torch.device(args.device), precision_of(args)
+    if args.bf16_weights:
+        print("--bf16-weights: weights and AdamW states are bf16; an update smaller than ~2^-9 of a "
+              "weight is rounded away, so at small learning rates most updates are lost", file=sys.stderr)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = args.resume if args.resume else args.output
@@ -331,22 +361,25 @@ def run(argv=None) -> int:
         state = load_trainer_state(checkpoint)
         print(f"resuming from {checkpoint} (stage {state['stage']}, step {state['step']})")
     # 2. What the run trains on; the weights of the checkpoint it resumes from.
-    task = build_task(args, cfg, run_dir, device, dtype)
+    task = build_task(args, cfg, run_dir, device, precision)
     write_run_info(run_dir, task, cfg)
-    if checkpoint is not None:
-        task.model.load_state_dict(Transformer.from_pretrained(checkpoint, dtype=dtype, device=device).state_dict())
+    if checkpoint is not None:  # the fp32 masters when the HF files hold less precision
+        weights = state.get("master_weights") or \
+            Transformer.from_pretrained(checkpoint, dtype=precision.weights, device=device).state_dict()
+        task.model.load_state_dict(weights)
     resumed_in_riel = checkpoint is not None and state["stage"] == "riel"
     results = {"after MEF": None, "after RIEL": None}
     # 3. Stage 1, MEF (E1).
     mef_steps = mef_steps_of(task, cfg) if cfg.run_mef else 0
     if cfg.run_mef:
         if not resumed_in_riel:
-            run_mef(task, cfg, run_dir, state, checkpoint)
-        results["after MEF"] = state["carry"]["after MEF"] if resumed_in_riel else evaluate(task, cfg)
+            run_mef(task, cfg, run_dir, state, checkpoint, precision)
+        results["after MEF"] = state["carry"]["after MEF"] if resumed_in_riel else evaluate(task, cfg, precision)
     # 4. Stage 2, RIEL (E2-E7).
     if cfg.run_riel:
-        run_riel(task, cfg, run_dir, state, checkpoint, mef_steps, {"after MEF": results["after MEF"]}, device, dtype)
-        results["after RIEL"] = evaluate(task, cfg)
+        run_riel(task, cfg, run_dir, state, checkpoint, mef_steps, {"after MEF": results["after MEF"]}, device,
+                 precision)
+        results["after RIEL"] = evaluate(task, cfg, precision)
     # 5. Report (E8).
     if not cfg.run_mef and not cfg.run_riel:
         return 0

@@ -6,7 +6,8 @@ A checkpoint is a folder `checkpoint-000012/` inside the run folder holding
 - `meml_run.json`: the run's data set, expert prompts and held-out question ids (evaluate.py);
 - `trainer_state.pt`: optimizer state, every random generator's state, the hard-example
   buffer, the data position and the step, i.e. everything a resumed run needs to take the same
-  path as an uninterrupted one.
+  path as an uninterrupted one; and the fp32 master weights when the HF files hold a lower
+  precision (a bf16 checkpoint of a mixed-precision run).
 
 Atomicity: everything is written into a hidden temporary folder beside the final one, flushed
 to disk, and only then renamed into place. A run killed mid-write leaves at most a stray
@@ -39,15 +40,16 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer_dir: Path, trainer_state: dict,
-                    keep: int = 2) -> Path:
-    """Write checkpoint-<step> atomically; keep only the newest `keep` checkpoints."""
+                    keep: int = 2, dtype: torch.dtype | None = None) -> Path:
+    """Write checkpoint-<step> atomically, the HF files in `dtype` (None: the weights' own);
+    keep only the newest `keep` checkpoints."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"checkpoint-{step:06d}"
     tmp = run_dir / f".checkpoint-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, dtype=dtype)
     for name in TOKENIZER_FILES:
         if (Path(tokenizer_dir) / name).exists():
             shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)

@@ -301,8 +301,9 @@ class Transformer(nn.Module):
             del state["lm_head.weight"]
         return state
 
-    def save_pretrained(self, path):
-        """Write config.json + model.safetensors that transformers loads unchanged (atomic per file)."""
-        state = {k: v.detach().contiguous() for k, v in self.hf_state_dict().items()}
-        dtype = str(self.model.embed_tokens.weight.dtype).removeprefix("torch.")
-        write_checkpoint(path, state, {**self.config.to_dict(), "torch_dtype": dtype})
+    def save_pretrained(self, path, dtype: torch.dtype | None = None):
+        """Write config.json + model.safetensors that transformers loads unchanged (atomic per
+        file), the tensors in `dtype` (None: the weights' own)."""
+        dtype = dtype or self.model.embed_tokens.weight.dtype
+        state = {k: v.detach().to(dtype).contiguous() for k, v in self.hf_state_dict().items()}
+        write_checkpoint(path, state, {**self.config.to_dict(), "torch_dtype": str(dtype).removeprefix("torch.")})

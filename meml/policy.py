@@ -56,6 +56,8 @@ def completion_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0,
 
     vocab_limit drops the padded vocabulary rows (ids the tokenizer does not know), exactly as
     the sampler does, so the sampler's π_old and these log-probs describe the same distribution.
+    Under torch.autocast (mixed precision) the output projection runs in the autocast dtype, as
+    the sampler's does; the log-softmax is fp32 either way.
     """
     hidden = model(batch.input_ids, attention_mask=batch.attention_mask, return_hidden=True)  # [B, P+T, H]
     width_c = batch.completion_ids.shape[1]
@@ -63,6 +65,11 @@ def completion_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0,
     hidden = hidden[:, start:start + width_c]  # [B, T, H]: column t predicts completion token t
     targets = batch.completion_ids.masked_fill(~batch.completion_mask, -100)  # -100: ignored row
     weight = model.output_weight if vocab_limit is None else model.output_weight[:vocab_limit]
-    logp = token_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                          temperature=temperature)
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):  # mixed precision: the output matmul in bf16, as the sampler's
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    with torch.autocast(device, enabled=False):  # token_logprobs takes its dtype from its inputs
+        logp = token_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                              temperature=temperature)
     return logp.view(targets.shape)

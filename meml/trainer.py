@@ -13,9 +13,18 @@ does the rest the way a user of TRL or nanoGPT expects:
   (meml/checkpoint.py), holding what `resume` needs to continue bit-for-bit: the optimizer, the
   random generators and whatever state the stage hands over (buffer, counters).
 
+Mixed precision (`Stage.compute_dtype = torch.bfloat16`): the step runs under torch.autocast, so
+matmuls and attention run in bf16 while the weights, AdamW's states, RMSNorm statistics, RoPE and
+every log-softmax stay fp32, what TRL, verl and nanochat call bf16 training. Small updates
+survive: at lr 1e-6 a bf16 *weight* would round most AdamW updates away (bf16 keeps 8 bits of
+mantissa, so an update below ~2^-9 of the weight is lost), an fp32 master weight does not. The
+HF model files of a checkpoint can still be bf16 (`Stage.save_dtype`); the fp32 masters then go
+into trainer_state.pt, so a resumed run continues from exactly the weights it had.
+
 Determinism on resume rests on one rule: every random choice a stage makes draws from a
 `torch.Generator` whose state is saved here, and every batch is a function of the step number.
 """
+import contextlib
 import json
 import math
 import time
@@ -45,6 +54,15 @@ class Stage:
     hidden_losses: tuple = ()    # loss parts switched off in this run: kept out of the progress line
     generators: dict[str, torch.Generator] = field(default_factory=dict)  # saved and restored
     extra_state: dict = field(default_factory=dict)  # objects with state_dict()/load_state_dict()
+    compute_dtype: torch.dtype = torch.float32  # bfloat16: matmuls under autocast (mixed precision)
+    save_dtype: torch.dtype | None = None       # the HF files' dtype (None: the weights' own)
+
+
+def mixed_precision(device_type: str, compute_dtype: torch.dtype):
+    """torch.autocast to compute_dtype on this device type; nothing for fp32."""
+    if compute_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=compute_dtype)
 
 
 def make_optimizer(model, stage: Stage) -> torch.optim.Optimizer:
@@ -63,8 +81,10 @@ def lr_at(step: int, stage: Stage) -> float:
     return stage.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def trainer_state(stage: Stage, step: int, optimizer, carry: dict) -> dict:
-    return {
+def trainer_state(stage: Stage, step: int, optimizer, carry: dict, model) -> dict:
+    weights_dtype = next(model.parameters()).dtype
+    masters = {"master_weights": model.state_dict()} if stage.save_dtype not in (None, weights_dtype) else {}
+    return {**masters,
         "stage": stage.name,
         "step": step,
         "optimizer": optimizer.state_dict(),
@@ -130,13 +150,15 @@ def run_stage(stage: Stage, model, optimizer, step_fn, *, run_dir: Path, tokeniz
     run_dir.mkdir(parents=True, exist_ok=True)
     carry = carry or {}
     started = time.time()
+    device_type = next(model.parameters()).device.type
     with open(run_dir / "metrics.jsonl", "a") as log:
         for step in range(start_step, stage.total_steps):
             t0 = time.time()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, stage)
             optimizer.zero_grad(set_to_none=True)
-            loss, metrics = step_fn(step)
+            with mixed_precision(device_type, stage.compute_dtype):
+                loss, metrics = step_fn(step)
             samples = metrics.pop("samples", None)
             parts = {k: v for k, v in metrics.items() if k.startswith("loss/")}
             if not math.isfinite(loss.item()):
@@ -164,8 +186,9 @@ def run_stage(stage: Stage, model, optimizer, step_fn, *, run_dir: Path, tokeniz
             if (step + 1) % log_every == 0 or step + 1 == stage.total_steps:
                 print_fn(_progress_line(stage, step + 1, metrics, eta))
             if (step + 1) % stage.save_every == 0 or step + 1 == stage.total_steps:
-                state = trainer_state(stage, step + 1, optimizer, carry)
-                save_checkpoint(run_dir, stage.step_offset + step + 1, model, tokenizer_dir, state)
+                state = trainer_state(stage, step + 1, optimizer, carry, model)
+                save_checkpoint(run_dir, stage.step_offset + step + 1, model, tokenizer_dir, state,
+                                dtype=stage.save_dtype)
 
 
 def batch_indices(num_items: int, batch_size: int, step: int, seed: int) -> list[int]:
