@@ -20,7 +20,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -253,17 +253,25 @@ def run_mef(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, che
         batch = [items[i] for i in batch_indices(len(items), cfg.mef_batch_size, step, cfg.seed)]
         t0 = time.time()
         loss, tokens = sft_loss(task.model, task.tokenizer, batch, cfg.riel.micro_batch_size)
-        return torch.tensor(loss), {"loss/nll": loss, "tokens_per_second": tokens / (time.time() - t0)}
+        yield torch.tensor(loss), {"loss/nll": loss, "tokens_per_second": tokens / (time.time() - t0)}
 
     task.model.train()
     run_stage(stage, task.model, optimizer, mef_step, run_dir=run_dir, tokenizer_dir=task.model_dir,
               start_step=start, log_every=max(1, steps // 20))
 
 
+def riel_settings(cfg: TrainConfig, precision: Precision):
+    """cfg.riel with the defaults that depend on precision resolved: π_old is recomputed with
+    the training forward unless compute is fp32, where the sampler's equals it (D21)."""
+    if cfg.riel.recompute_old_logprobs is not None:
+        return cfg.riel
+    return replace(cfg.riel, recompute_old_logprobs=precision.compute != torch.float32)
+
+
 def run_riel(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, checkpoint: Path | None,
              mef_steps: int, carry: dict, device, precision: Precision) -> None:
-    """Stage 2, E2-E7: `riel_step` on batches of questions, one optimizer step each."""
-    r = cfg.riel
+    """Stage 2, E2-E7: `riel_step` on batches of questions, --num-iterations optimizer steps each."""
+    r = riel_settings(cfg, precision)
     steps = cfg.riel_steps if cfg.riel_steps is not None else math.ceil(len(task.train) * cfg.riel_epochs / r.questions_per_step)
     print(f"RIEL ({cfg.preset}): {steps} steps x {r.questions_per_step} questions x "
           f"{len(task.system_prompts)} experts x G={r.group_size}")
@@ -290,7 +298,7 @@ def run_riel(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, ch
 
     def riel_step_at(step):
         idx = batch_indices(len(task.train), r.questions_per_step, step, cfg.seed + 1)
-        return riel_step(task.model, world, [task.train[i] for i in idx], r, generator, buffer, by_id, ref_model)
+        yield from riel_step(task.model, world, [task.train[i] for i in idx], r, generator, buffer, by_id, ref_model)
 
     steps_per_epoch = max(1, len(task.train) // r.questions_per_step)
     run_stage(stage, task.model, optimizer, riel_step_at, run_dir=run_dir, tokenizer_dir=task.model_dir,
@@ -362,6 +370,7 @@ def run(argv=None) -> int:
         print(f"resuming from {checkpoint} (stage {state['stage']}, step {state['step']})")
     # 2. What the run trains on; the weights of the checkpoint it resumes from.
     task = build_task(args, cfg, run_dir, device, precision)
+    task.model.activation_checkpointing = cfg.activation_checkpointing
     write_run_info(run_dir, task, cfg)
     if checkpoint is not None:  # the fp32 masters when the HF files hold less precision
         weights = state.get("master_weights") or \

@@ -67,7 +67,13 @@ class RielConfig:
     positive_only: bool = option(True, "E3: reinforce only above-mean rollouts, max(A, 0) (paper) [D4]")
     loss: str = option("paper", "policy loss: the paper's E3 or the clipped surrogate E3' [D5]",
                        choices=POLICY_LOSSES)
-    clip_eps: float = option(0.2, "E3': the ratio is clipped to [1 - eps, 1 + eps]", above=0, at_most=1)
+    clip_eps: float = option(0.2, "E3': the ratio is clipped to [1 - eps, 1 + eps_high]", above=0, at_most=1)
+    clip_eps_high: float | None = option(None, "E3': the upper bound's eps (DAPO's clip-higher; default --clip-eps)",
+                                         above=0)
+    num_iterations: int = option(1, "μ: optimizer steps on each rollout batch (TRL's num_iterations, verl's "
+                                 "ppo_epochs); the clip of E3' only bites when μ > 1 [D5]", at_least=1)
+    recompute_old_logprobs: bool | None = option(None, "π_old from the training forward instead of the sampler's "
+                                                 "(default: on unless --dtype float32) [D21]")
     aggregation: str = option("seq_mean_token_mean", "how per-token terms of E3/E4 become one number [D6]",
                               choices=AGGREGATIONS)
     beta: float = option(0.0, "weight of the reference-model KL, E4 (0 in MEML, 0.04 for GRPO)", at_least=0)
@@ -85,7 +91,7 @@ class RielConfig:
     lambda2: float = option(1.0, "weight of the buffer's SFT loss, E6 [D9]", at_least=0)
     # memory
     micro_batch_size: int = option(64, "rows per forward/backward (memory only: the gradient is the same)",
-                                   at_least=1, section="memory")
+                                   at_least=1, section="RIEL memory")
     rollout_batch_size: int = option(256, "rows per sampler call (memory only)", at_least=1)
 
 
@@ -122,6 +128,10 @@ class TrainConfig:
     eval_size: int = option(200, "held-out questions to evaluate on", at_least=0, section="evaluation (E8)")
     eval_max_new_tokens: int = option(256, "completion length limit when evaluating", at_least=1)
     pass_k: int = option(4, "samples per question for pass@k (0: skip)", at_least=0)
+    # memory, both stages
+    activation_checkpointing: bool = option(False, "recompute each decoder layer in the backward instead of "
+                                            "keeping its activations (less memory, ~1/3 more compute)",
+                                            section="memory")
 
 
 _GRPO = {"riel.loss": "clipped", "riel.advantage_scale": "group_std", "riel.positive_only": False,

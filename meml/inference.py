@@ -37,12 +37,13 @@ class Completions:
     completion_ids: list[list[int]]   # generated ids, stop token included
     logprobs: list[torch.Tensor]      # [len] float32 on CPU: log π of each generated token
     finished: list[bool]              # True: stopped at a stop id; False: cut at max_new_tokens
+    entropy: list[torch.Tensor] | None = None  # [len] float32: entropy of each step (return_entropy)
 
 
 @torch.no_grad()
 def complete(model, tokenizer, conversations: list, *, max_new_tokens: int = 256,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 64,
-             generator: torch.Generator | None = None) -> Completions:
+             generator: torch.Generator | None = None, return_entropy: bool = False) -> Completions:
     """Generate one completion per conversation, `batch_size` rows per sampler call.
 
     conversations: each a list of {"role", "content"} messages, or a string (one user message).
@@ -51,14 +52,17 @@ def complete(model, tokenizer, conversations: list, *, max_new_tokens: int = 256
     """
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": c}] if isinstance(c, str) else c,
                                              add_generation_prompt=True) for c in conversations]
-    out = Completions([], prompts, [], [], [])
+    out = Completions([], prompts, [], [], [], [] if return_entropy else None)
     for start in range(0, len(prompts), batch_size):
         gen = generate(model, prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
                        stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size,
-                       temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        for ids, mask, logprobs, done in zip(gen.completion_ids, gen.completion_mask, gen.logprobs, gen.finished):
+                       temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                       return_entropy=return_entropy)
+        for row, (ids, mask) in enumerate(zip(gen.completion_ids, gen.completion_mask)):
             out.completion_ids.append(ids[mask].tolist())
-            out.logprobs.append(logprobs[mask].float().cpu())
-            out.finished.append(bool(done))
+            out.logprobs.append(gen.logprobs[row][mask].float().cpu())
+            out.finished.append(bool(gen.finished[row]))
+            if return_entropy:
+                out.entropy.append(gen.entropy[row][mask].cpu())
     out.texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in out.completion_ids]
     return out

@@ -81,6 +81,7 @@ def policy_loss(
     aggregation: str = "seq_mean_token_mean",
     max_len: int | None = None,
     denominator: torch.Tensor | float | None = None,
+    clip_eps_high: float | None = None,
 ) -> torch.Tensor:
     """E3 (old_logprobs=None) or E3' (old_logprobs given), to be minimised.
 
@@ -93,9 +94,11 @@ def policy_loss(
         L_GRPO = (1/N) Σ_i −E_g[ log π_θ(O_g^i) · max(A_g^i, 0) ]; the clamp max(A, 0) is
         applied upstream by `group_advantages(..., positive_only=True)`, so this function takes
         advantages as they are and serves the unclamped baselines unchanged.
-    E3', the clipped surrogate:       per token  −min( ρ_t·A, clip(ρ_t, 1−ε, 1+ε)·A ),
-        ρ_t = exp(log π_θ − log π_old). With one update per rollout batch ρ = 1 and its
-        gradient equals E3's; the clip only bites on later updates of the same batch.
+    E3', the clipped surrogate:       per token  −min( ρ_t·A, clip(ρ_t, 1−ε, 1+ε_high)·A ),
+        ρ_t = exp(log π_θ − log π_old); ε_high = clip_eps_high, default ε (DAPO's "clip-higher"
+        raises it). On the first update of a rollout batch ρ = 1 and the gradient equals E3's;
+        the clip bites on later updates of the same batch (--num-iterations): a token whose ρ is
+        past the bound on the side its advantage pushes gets exactly zero gradient.
     denominator: the whole batch's, when these rows are one micro-batch of it (`aggregate`).
     """
     advantages = advantages.to(logprobs.dtype).unsqueeze(1)  # [B, 1]
@@ -105,7 +108,8 @@ def policy_loss(
         # log-ratio 0 on padding, so exp cannot overflow there (its gradient would be nan).
         log_ratio = (logprobs - old_logprobs.detach()).masked_fill(~mask.bool(), 0.0)
         ratio = torch.exp(log_ratio)  # [B, T]
-        clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+        high = clip_eps if clip_eps_high is None else clip_eps_high
+        clipped = ratio.clamp(1.0 - clip_eps, 1.0 + high)
         per_token = -torch.minimum(ratio * advantages, clipped * advantages)
     return aggregate(per_token, mask, aggregation, max_len, denominator)
 
@@ -116,13 +120,15 @@ def clip_fraction(
     mask: torch.Tensor,
     advantages: torch.Tensor,
     clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
 ) -> torch.Tensor:
     """Fraction of completion tokens whose E3' term is clipped (and so has zero gradient):
-    ρ > 1+ε with A > 0, or ρ < 1−ε with A < 0. A scalar for the training log."""
+    ρ > 1+ε_high with A > 0, or ρ < 1−ε with A < 0. A scalar for the training log."""
+    high = clip_eps if clip_eps_high is None else clip_eps_high
     with torch.no_grad():
         ratio = torch.exp(logprobs - old_logprobs)
         adv = advantages.unsqueeze(1)
-        clipped = ((ratio > 1.0 + clip_eps) & (adv > 0)) | ((ratio < 1.0 - clip_eps) & (adv < 0))
+        clipped = ((ratio > 1.0 + high) & (adv > 0)) | ((ratio < 1.0 - clip_eps) & (adv < 0))
         mask = mask.bool()
         return (clipped & mask).sum().float() / mask.sum().clamp(min=1).float()
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from meml.hf_checkpoint import fuse_projections, read_tensors, split_projections, write_checkpoint
@@ -92,6 +93,14 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.batch_size, self.max_len, self.length = batch_size, max_len, 0
+
+    def select_rows(self, index: torch.Tensor) -> "KVCache":
+        """A cache whose row r is a copy of this cache's row index[r] (same length and slots)."""
+        out = KVCache.__new__(KVCache)
+        out.keys = [k.index_select(0, index) for k in self.keys]
+        out.values = [v.index_select(0, index) for v in self.values]
+        out.batch_size, out.max_len, out.length = len(index), self.max_len, self.length
+        return out
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, kv_heads, T, d] at slots [length, length+T); return slots [0, length+T)."""
@@ -187,6 +196,9 @@ class Transformer(nn.Module):
         # plain attributes, not buffers: model.to(bfloat16) must not round the frequencies
         self.inv_freq = rope_inv_freq(config)  # [head_dim/2] fp32, CPU
         self.rope_cos = self.rope_sin = None   # [positions, head_dim] fp32, built by rope_tables
+        # True: a training forward keeps only each layer's input and recomputes the layer in the
+        # backward (activation memory of one layer instead of all, ~1/3 more compute)
+        self.activation_checkpointing = False
 
     def tie_weights(self):
         if self.config.tie_word_embeddings:
@@ -271,8 +283,12 @@ class Transformer(nn.Module):
             attention_bias(attention_mask, past, T, self.model.embed_tokens.weight.dtype)  # [B, 1, T, S]
 
         x = self.model.embed_tokens(input_ids)  # [B, T, H]
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, kv_cache, i)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv_cache, i)
         if kv_cache is not None:
             kv_cache.length += T
         x = self.model.norm(x)

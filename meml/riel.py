@@ -66,6 +66,7 @@ class Rollouts:
     old_logprobs: list[torch.Tensor]   # per row: π_old of each completion token, from the sampler
     finished: list[bool]               # per row: stopped (True) or cut at max_new_tokens
     texts: list[str]                   # per row: decoded completion
+    entropy: list[torch.Tensor]        # per row: entropy of each step's sampling distribution
 
     def per_row(self, grid: torch.Tensor) -> torch.Tensor:
         """[Q, N, G] -> [rows]: the value of each row's (question, expert, rollout)."""
@@ -87,8 +88,8 @@ def sample_rollouts(model, world: World, examples, cfg: RielConfig, generator) -
     conversations, rows = expert_grid(examples, world.system_prompts, world.dataset, cfg.group_size)
     out = complete(model, world.tokenizer, conversations, max_new_tokens=cfg.max_new_tokens,
                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                   batch_size=cfg.rollout_batch_size, generator=generator)
-    return Rollouts(rows, out.prompt_ids, out.completion_ids, out.logprobs, out.finished, out.texts)
+                   batch_size=cfg.rollout_batch_size, generator=generator, return_entropy=True)
+    return Rollouts(rows, out.prompt_ids, out.completion_ids, out.logprobs, out.finished, out.texts, out.entropy)
 
 
 def score_rollouts(ro: Rollouts, world: World, examples) -> torch.Tensor:
@@ -175,29 +176,41 @@ def denominators(ro: Rollouts, parts: PartRows, cfg: RielConfig) -> Denominators
 
 
 def policy_micro_batches(model, world, ro: Rollouts, advantages, parts: PartRows, d: Denominators,
-                         cfg: RielConfig, ref_model=None, stats=None):
-    """E3 (and E4 when β > 0) on micro-batches of the policy rows: yields each one's share."""
+                         cfg: RielConfig, ref_model, old_logprobs, stats: dict):
+    """E3 (and E4 when β > 0) on micro-batches of the policy rows: yields each one's share.
+
+    old_logprobs: π_old per row, the sampler's or recomputed ones (D21); None means this
+    forward's own log-probs (the first update of a recomputing step: ρ = 1), which are then
+    recorded in stats["recomputed"] for the step's later updates."""
     tok, advantage = world.tokenizer, ro.per_row(advantages)
     for start in range(0, len(parts.policy_rows), cfg.micro_batch_size):
         rows = parts.policy_rows[start:start + cfg.micro_batch_size]
         batch = pack([ro.prompts[r] for r in rows], [ro.completions[r] for r in rows], tok.pad_id,
                      device=model.output_weight.device)
+        mask = batch.completion_mask                                                              # [b, T]
         logp = completion_logprobs(model, batch, temperature=cfg.temperature, vocab_limit=tok.vocab_size)  # [b, T]
-        old = _padded([ro.old_logprobs[r] for r in rows], logp.shape[1]).to(logp.device)    # [b, T]
-        a = advantage[rows].to(logp.device)                                                   # [b]
-        share = {"policy": policy_loss(logp, batch.completion_mask, a,
-                                       old_logprobs=old if cfg.loss == "clipped" else None,
-                                       clip_eps=cfg.clip_eps, aggregation=cfg.aggregation,
-                                       max_len=cfg.max_new_tokens, denominator=d.policy)}
+        sampled = _padded([ro.old_logprobs[r] for r in rows], logp.shape[1]).to(logp.device)       # [b, T]
+        stats["gap_sum"] += (logp.detach() - sampled).abs()[mask].sum().item()  # sampler vs trainer
+        stats["gap_tokens"] += mask.sum().item()
+        if old_logprobs is None:
+            old = logp.detach()
+            stats["recomputed"].update({r: old[j, :len(ro.completions[r])].cpu() for j, r in enumerate(rows)})
+        else:
+            old = _padded([old_logprobs[r] for r in rows], logp.shape[1]).to(logp.device)
+        a = advantage[rows].to(logp.device)                                                       # [b]
+        share = {"policy": policy_loss(logp, mask, a, old_logprobs=old if cfg.loss == "clipped" else None,
+                                       clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
+                                       aggregation=cfg.aggregation, max_len=cfg.max_new_tokens,
+                                       denominator=d.policy)}
         if cfg.beta > 0:
             with torch.no_grad():
                 ref_logp = completion_logprobs(ref_model, batch, temperature=cfg.temperature,
                                                vocab_limit=tok.vocab_size)
-            share["reference_kl"] = reference_kl_loss(logp, ref_logp, batch.completion_mask, cfg.kl_estimator,
+            share["reference_kl"] = reference_kl_loss(logp, ref_logp, mask, cfg.kl_estimator,
                                                       cfg.aggregation, cfg.max_new_tokens, d.policy)
-        if stats is not None and cfg.loss == "clipped":
-            tokens = batch.completion_mask.sum().item()
-            stats["clip_ratio"] += tokens * clip_fraction(logp, old, batch.completion_mask, a, cfg.clip_eps).item()
+        if cfg.loss == "clipped":
+            tokens = mask.sum().item()
+            stats["clip_ratio"] += tokens * clip_fraction(logp, old, mask, a, cfg.clip_eps, cfg.clip_eps_high).item()
             stats["clip_tokens"] += tokens
         yield share
 
@@ -236,14 +249,19 @@ def sft_micro_batches(model, world, parts: PartRows, d: Denominators, cfg: RielC
 
 
 def backward_e7(model, world: World, ro: Rollouts, rewards, advantages, sft_items, examples_by_id,
-                cfg: RielConfig, ref_model=None) -> dict:
+                cfg: RielConfig, ref_model=None, old_logprobs=None) -> tuple[dict, dict]:
     """2e: L = L_GRPO + β·L_ref + λ1·L_KL + λ2·L_SFT (E7), backward one micro-batch at a time.
-    Returns the parts' values over the whole step (unweighted) and E7's."""
+
+    old_logprobs: π_old per row for E3' (default: the sampler's); None together with
+    cfg.recompute_old_logprobs takes this forward's own. Returns the metrics (each part's value
+    over the whole step, unweighted, and E7's) and the π_old rows it recomputed, if any."""
+    if old_logprobs is None and not cfg.recompute_old_logprobs:
+        old_logprobs = ro.old_logprobs
     parts, fallbacks = select_parts(world, ro, rewards, advantages, sft_items, examples_by_id, cfg)
     d = denominators(ro, parts, cfg)
-    stats = {"clip_ratio": 0.0, "clip_tokens": 0}
+    stats = {"clip_ratio": 0.0, "clip_tokens": 0, "gap_sum": 0.0, "gap_tokens": 0, "recomputed": {}}
     values = {"policy": 0.0, "reference_kl": 0.0, "inter_expert_kl": 0.0, "sft": 0.0}
-    micro_batches = [policy_micro_batches(model, world, ro, advantages, parts, d, cfg, ref_model, stats),
+    micro_batches = [policy_micro_batches(model, world, ro, advantages, parts, d, cfg, ref_model, old_logprobs, stats),
                      inter_expert_micro_batches(model, world, ro, parts, d, cfg),
                      sft_micro_batches(model, world, parts, d, cfg)]
     for generator in micro_batches:
@@ -253,10 +271,12 @@ def backward_e7(model, world: World, ro: Rollouts, rewards, advantages, sft_item
                 values[name] += value.item()
     e7 = total_loss(*(torch.tensor(values[k]) for k in ("policy", "inter_expert_kl", "sft", "reference_kl")),
                     lambda1=cfg.lambda1, lambda2=cfg.lambda2, beta=cfg.beta).item()
-    return {"loss/policy": values["policy"], "loss/ref_kl": values["reference_kl"],
-            "loss/inter_expert_kl": values["inter_expert_kl"], "loss/sft": values["sft"], "loss/total": e7,
-            "clip_ratio": stats["clip_ratio"] / max(stats["clip_tokens"], 1),
-            "inter_expert/active_questions": d.inter_expert, "buffer/gold_fallbacks": fallbacks}
+    metrics = {"loss/policy": values["policy"], "loss/ref_kl": values["reference_kl"],
+               "loss/inter_expert_kl": values["inter_expert_kl"], "loss/sft": values["sft"], "loss/total": e7,
+               "clip_ratio": stats["clip_ratio"] / max(stats["clip_tokens"], 1),
+               "logprobs/sampler_trainer_gap": stats["gap_sum"] / max(stats["gap_tokens"], 1),
+               "inter_expert/active_questions": d.inter_expert, "buffer/gold_fallbacks": fallbacks}
+    return metrics, stats["recomputed"]
 
 
 def _whole_questions(question: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -303,7 +323,13 @@ def riel_metrics(ro: Rollouts, rewards: torch.Tensor, advantages: torch.Tensor) 
         "completions/clipped_ratio": 1.0 - sum(ro.finished) / len(ro.finished),
         "advantages/nonzero_frac": (advantages != 0).float().mean().item(),
     }
+    entropy = ro.per_row(torch.zeros(rewards.shape))  # [rows]: each row's mean token entropy
+    for r, e in enumerate(ro.entropy):
+        entropy[r] = e.mean() if len(e) else 0.0
+    by_expert = entropy[ro.rows].mean(dim=(0, 2))  # [N]
+    out["entropy"] = by_expert.mean().item()
     for i in range(rewards.shape[1]):
+        out[f"entropy/expert_{i}"] = by_expert[i].item()
         out[f"rewards/expert_{i}/mean"] = stats["mean_reward"][i].item()
         out[f"frac_reward_zero_std/expert_{i}"] = stats["zero_signal"][i].item()
         out[f"rewards/expert_{i}/all_wrong"] = stats["all_wrong"][i].item()
@@ -312,7 +338,9 @@ def riel_metrics(ro: Rollouts, rewards: torch.Tensor, advantages: torch.Tensor) 
 
 def riel_step(model, world: World, examples, cfg: RielConfig, generator: torch.Generator,
               buffer: HardExampleBuffer | None, examples_by_id: dict, ref_model=None):
-    """Stages 2a-2e for one batch of questions. Returns (E7's value, metrics); gradients are in .grad."""
+    """Stages 2a-2e for one batch of questions. Yields (E7's value, metrics) after each of the
+    cfg.num_iterations backward passes on the same rollouts: the caller takes an optimizer step
+    (meml/trainer.py) before the next one."""
     t0 = time.time()
     model.eval()
     ro = sample_rollouts(model, world, examples, cfg, generator)                         # 2a
@@ -323,19 +351,23 @@ def riel_step(model, world: World, examples, cfg: RielConfig, generator: torch.G
     sft_items, inserted = fill_buffer(buffer, examples, rewards) if buffer is not None else ([], 0)  # 2d
     t2 = time.time()
     model.train()
-    metrics = riel_metrics(ro, rewards, advantages)
-    metrics.update(backward_e7(model, world, ro, rewards, advantages, sft_items, examples_by_id,
-                               cfg, ref_model))                                           # 2e
-    t3 = time.time()
+    rollout_metrics = riel_metrics(ro, rewards, advantages)
     generated = sum(len(c) for c in ro.completions)
-    metrics.update({
+    rollout_metrics.update({
         "buffer/fill": len(buffer) if buffer is not None else 0,
         "buffer/insertions": inserted,
         "buffer/sft_triggers": len(sft_items) // buffer.capacity if buffer is not None else 0,
         "buffer/sft_items": len(sft_items),
-        "time/generation": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2,
+        "time/generation": t1 - t0, "time/scoring": t2 - t1,
         "tokens_per_second": generated / max(t1 - t0, 1e-9),
         "samples": [{"expert": i, "text": ro.texts[ro.rows[q, i, 0]], "reward": rewards[q, i, 0].item()}
                     for q in range(rewards.shape[0]) for i in range(rewards.shape[1])],
     })
-    return torch.tensor(metrics["loss/total"]), metrics
+    old_logprobs, gap = None, None  # π_old: the sampler's, or the first update's own (D21)
+    for _ in range(cfg.num_iterations):                                                   # μ updates
+        metrics, recomputed = backward_e7(model, world, ro, rewards, advantages, sft_items, examples_by_id,
+                                          cfg, ref_model, old_logprobs)                   # 2e
+        old_logprobs = old_logprobs or recomputed or None
+        gap = metrics["logprobs/sampler_trainer_gap"] if gap is None else gap  # the sampling weights' gap
+        yield torch.tensor(metrics["loss/total"]), {**rollout_metrics, **metrics, "time/update": time.time() - t2,
+                                                    "logprobs/sampler_trainer_gap": gap}

@@ -3,7 +3,8 @@
 GRPO spends most of its time here: MEML-GRPO samples N experts x G rollouts per question, and the
 experts' system prompts make the prompts different lengths. So the batch is left-padded (every
 row's last prompt token sits in the same column, and one shared cache index serves all rows),
-the prompt is prefilled once, and each step feeds one token per row.
+the prompts are prefilled once, each distinct prompt once (the G rollouts of a group share
+theirs), and each step feeds one token per row.
 
 What a caller gets back (`Generation`) is what the losses need: completion ids, a mask that
 includes the stop token, whether each row stopped or was truncated, and the log-prob of every
@@ -33,6 +34,7 @@ class Generation:
     completion_mask: torch.Tensor  # [B, T] bool, generated tokens (stop token included)
     finished: torch.Tensor         # [B] bool, True: hit a stop id; False: truncated
     logprobs: torch.Tensor         # [B, T] float32, log pi_old of each sampled token, 0 off mask
+    entropy: torch.Tensor | None = None  # [B, T] float32, entropy of the distribution sampled from
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,13 +120,14 @@ def draw_from(probs: torch.Tensor, generator: torch.Generator | None = None,
 
 
 def sample_next_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
-                      top_p: float = 1.0, generator: torch.Generator | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one id per row from logits [B, V]; return (ids [B] long, logprobs [B] float32).
+                      top_p: float = 1.0, generator: torch.Generator | None = None,
+                      return_entropy: bool = False):
+    """Draw one id per row from logits [B, V]; return (ids [B] long, logprobs [B] float32), and
+    with return_entropy the entropy [B] float32 of log softmax(logits / T).
 
     temperature 0 is greedy (argmax; ties go to the lowest id). The log-prob is of the drawn id
     under log softmax(logits / T) before any top-k / top-p filtering (T = 1 when greedy): see the
-    module docstring for why.
+    module docstring for why. The entropy is of that same unfiltered distribution.
     """
     if temperature == 0:
         ids = torch.argmax(logits, dim=-1)  # [B]
@@ -134,7 +137,10 @@ def sample_next_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: 
         filtered = top_p_filter(top_k_filter(scaled, top_k), top_p)
         probs = torch.softmax(filtered, dim=-1)
         ids = draw_from(probs, generator)  # [B]
-    logprobs = torch.log_softmax(scaled, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    log_probs = torch.log_softmax(scaled, dim=-1)  # [B, V]
+    logprobs = log_probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    if return_entropy:
+        return ids, logprobs, -(log_probs.exp() * log_probs).sum(-1)
     return ids, logprobs
 
 
@@ -166,13 +172,17 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int],
              pad_id: int, vocab_limit: int | None = None, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0,
-             generator: torch.Generator | None = None) -> Generation:
+             generator: torch.Generator | None = None, return_entropy: bool = False,
+             share_prefill: bool = True) -> Generation:
     """Generate up to max_new_tokens for each prompt (token id lists of any lengths).
 
     temperature 0 is greedy; otherwise draws follow temperature -> top-k -> top-p from
     `generator` (on the model's device; same seed, same batch: same samples). A row stops at the
     first generated id in stop_ids (ids inside the prompt never count) and then emits pad_id,
     masked out. Only ids < vocab_limit (default: all of the model's vocabulary) can be drawn.
+    return_entropy: also the entropy of each step's distribution (the policy's health check).
+    share_prefill: prefill each distinct prompt once (False: every row, for the equality test
+    and bench/bench_prefill.py).
     """
     weight = model.output_weight  # [V, H]
     device = weight.device
@@ -199,26 +209,41 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: 
 
     completion_ids = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device)
+    entropy = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device) if return_entropy else None
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     # "All rows done?" costs a host sync; on CUDA ask every few steps (extra steps are inert).
     check_every = 1 if device.type == "cpu" else 8
 
+    # Rows that share a prompt (RIEL's G rollouts of one expert and question) share its prefill:
+    # each distinct prompt runs once, and its keys, values and last hidden state are copied to
+    # every row that has it.
+    first_row = {}                                        # prompt -> the first row holding it
+    for row, prompt in enumerate(prompts):
+        first_row.setdefault(tuple(prompt) if share_prefill else row, row)
+    distinct = torch.tensor(list(first_row.values()), device=device)                   # [U]
+    position = {prompt: u for u, prompt in enumerate(first_row)}
+    source = torch.tensor([position[tuple(p) if share_prefill else row] for row, p in enumerate(prompts)],
+                          device=device)                                                # [B] in 0..U-1
+
     was_training = model.training
     model.eval()
     try:
-        cache = model.new_kv_cache(batch, width + max_new_tokens)
-        hidden = model(prompt_ids, attention_mask=real[:, :width],
-                       position_ids=prompt_positions, kv_cache=cache,
-                       return_hidden=True)  # [B, P, H]
+        cache = model.new_kv_cache(len(distinct), width + max_new_tokens)
+        hidden = model(prompt_ids[distinct], attention_mask=real[distinct, :width],
+                       position_ids=prompt_positions[distinct], kv_cache=cache,
+                       return_hidden=True)  # [U, P, H]
+        if len(distinct) < batch:
+            cache, hidden = cache.select_rows(source), hidden[source]  # [B, ...]
         steps = 0
         while steps < max_new_tokens:
             logits = hidden[:, -1] @ weight.T  # [B, vocab_limit]
-            ids, token_logprobs = sample_next_token(logits, temperature=temperature,
-                                                    top_k=top_k, top_p=top_p,
-                                                    generator=generator)  # [B], [B]
-            ids = torch.where(done, pad_id, ids)  # finished rows emit pad (masked out below)
+            drawn = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                      generator=generator, return_entropy=return_entropy)  # [B] each
+            ids = torch.where(done, pad_id, drawn[0])  # finished rows emit pad (masked out below)
             completion_ids[:, steps] = ids
-            logprobs[:, steps] = token_logprobs
+            logprobs[:, steps] = drawn[1]
+            if return_entropy:
+                entropy[:, steps] = drawn[2]
             done = done | is_stop(ids, stop)
             steps += 1
             if steps == max_new_tokens or (steps % check_every == 0 and bool(done.all())):
@@ -240,4 +265,5 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: 
     return Generation(completion_ids=completion_ids,
                       completion_mask=completion_mask,
                       finished=stop_hit.any(dim=1),
-                      logprobs=logprobs[:, :length].masked_fill(~completion_mask, 0.0))
+                      logprobs=logprobs[:, :length].masked_fill(~completion_mask, 0.0),
+                      entropy=None if entropy is None else entropy[:, :length].masked_fill(~completion_mask, 0.0))

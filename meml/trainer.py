@@ -1,12 +1,14 @@
 """What every training stage shares: the loop, the log, checkpoints, resume and the NaN guard.
 
-MEF (meml/mef.py) and RIEL (meml/riel.py) each provide one function, `step_fn(step) -> (loss,
-metrics)`, that builds its batch for that step, computes the loss and calls backward. This loop
-does the rest the way a user of TRL or nanoGPT expects:
+MEF (meml/mef.py) and RIEL (meml/riel.py) each provide one function, `step_fn(step)`, that
+builds its batch for that step, computes the loss, calls backward and yields (loss, metrics):
+once per optimizer update, so once for MEF and μ times for RIEL's `--num-iterations μ` (several
+updates on one rollout batch). This loop does the rest the way a user of TRL or nanoGPT expects:
 
 - a progress line (step, rewards, loss parts, tokens/s, ETA) and one JSON line of metrics per
-  step in `metrics.jsonl`;
-- gradient clipping and an AdamW step;
+  step in `metrics.jsonl` (loss parts, clip ratio and gradient norm averaged over the step's
+  updates; everything else from its last);
+- gradient clipping and an AdamW step after each update's backward;
 - a loss that is NaN or infinite stops the run *before* the optimizer touches the weights, with
   a message naming the step and the loss parts; the last good checkpoint stays as it was;
 - a checkpoint every `save_every` steps and at the end of the stage, written atomically
@@ -156,24 +158,18 @@ def run_stage(stage: Stage, model, optimizer, step_fn, *, run_dir: Path, tokeniz
             t0 = time.time()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, stage)
-            optimizer.zero_grad(set_to_none=True)
+            updates = []
             with mixed_precision(device_type, stage.compute_dtype):
-                loss, metrics = step_fn(step)
+                optimizer.zero_grad(set_to_none=True)
+                for loss, metrics in step_fn(step):  # backward done; one optimizer update each
+                    grad_norm = _checked_grad_norm(stage, model, step, loss, metrics, run_dir)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    updates.append({**metrics, "grad_norm": grad_norm})
+            metrics = _merge_updates(updates)
             samples = metrics.pop("samples", None)
-            parts = {k: v for k, v in metrics.items() if k.startswith("loss/")}
-            if not math.isfinite(loss.item()):
-                raise LossNotFinite(
-                    f"[{stage.name}] loss became {loss.item()} at step {step + 1} (parts: {parts}); "
-                    f"the weights were not updated and the last checkpoint in {run_dir} is intact")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)
-            if not torch.isfinite(grad_norm):
-                raise LossNotFinite(
-                    f"[{stage.name}] gradient norm became {grad_norm.item()} at step {step + 1} "
-                    f"(loss {loss.item():.4g}, parts: {parts}); the weights were not updated and "
-                    f"the last checkpoint in {run_dir} is intact")
-            optimizer.step()
             metrics.update({"stage": stage.name, "step": step + 1, "lr": lr_at(step, stage),
-                            "grad_norm": grad_norm.item(), "time/step": time.time() - t0})
+                            "time/step": time.time() - t0})
             log.write(json.dumps(metrics) + "\n")
             log.flush()
             if samples and (step + 1) % sample_every == 0:
@@ -189,6 +185,33 @@ def run_stage(stage: Stage, model, optimizer, step_fn, *, run_dir: Path, tokeniz
                 state = trainer_state(stage, step + 1, optimizer, carry, model)
                 save_checkpoint(run_dir, stage.step_offset + step + 1, model, tokenizer_dir, state,
                                 dtype=stage.save_dtype)
+
+
+def _checked_grad_norm(stage: Stage, model, step: int, loss, metrics: dict, run_dir: Path) -> float:
+    """Clip the gradient and return its norm, or stop the run before an update with a loss or
+    gradient that is not finite (the weights stay as the last step left them)."""
+    parts = {k: v for k, v in metrics.items() if k.startswith("loss/")}
+    if not math.isfinite(loss.item()):
+        raise LossNotFinite(
+            f"[{stage.name}] loss became {loss.item()} at step {step + 1} (parts: {parts}); "
+            f"the weights were not updated and the last checkpoint in {run_dir} is intact")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)
+    if not torch.isfinite(grad_norm):
+        raise LossNotFinite(
+            f"[{stage.name}] gradient norm became {grad_norm.item()} at step {step + 1} "
+            f"(loss {loss.item():.4g}, parts: {parts}); the weights were not updated and "
+            f"the last checkpoint in {run_dir} is intact")
+    return grad_norm.item()
+
+
+def _merge_updates(updates: list[dict]) -> dict:
+    """One log line for a step of several updates: loss parts, clip ratio and gradient norm
+    averaged over them, everything else (rewards, buffer, timings, samples) from the last."""
+    merged = dict(updates[-1])
+    for key in merged:
+        if key.startswith("loss/") or key in ("clip_ratio", "grad_norm"):
+            merged[key] = sum(u[key] for u in updates) / len(updates)
+    return merged
 
 
 def batch_indices(num_items: int, batch_size: int, step: int, seed: int) -> list[int]:

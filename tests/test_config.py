@@ -4,8 +4,8 @@ import argparse
 import pytest
 
 from meml import advantage, buffer, kl, losses
-from meml.config import (PRESETS, RielConfig, TrainConfig, add_option_flags, flag_name, flag_options,
-                         make_config, overrides_from)
+from meml.config import (PRESETS, RielConfig, TrainConfig, _value_type, add_option_flags, flag_name,
+                         flag_options, make_config, overrides_from)
 from meml.errors import InputError
 
 
@@ -18,7 +18,7 @@ def parse(argv):
 def test_every_option_is_a_flag_that_sets_its_field():
     for key, f in flag_options():
         value = f.metadata["choices"][-1] if f.metadata["choices"] else None
-        if isinstance(f.default, bool):
+        if _value_type(f) is bool:  # on/off flags, including bool | None ("auto") ones
             argv, value = [f"--no-{flag_name(key)[2:]}"] if f.default else [flag_name(key)], not f.default
         else:
             value = value if value is not None else (1 if f.metadata["at_most"] else 7)

@@ -1,4 +1,6 @@
 """E3, E3', E1/E6 NLL and E7 (meml/losses.py): values and gradients against closed forms."""
+import math
+
 import pytest
 import torch
 
@@ -173,3 +175,30 @@ def test_paper_clamp_reinforces_only_above_mean_rollouts():
     expected = torch.zeros(4, 3)
     expected[3, :2] = -0.75 / (4 * 2)
     assert torch.equal(logp.grad, expected)
+
+
+@pytest.mark.parametrize("advantage, ratio, clipped", [
+    # A > 0: the upper bound 1 + eps_high = 1.28 (clip-higher) is the one that bites
+    (1.0, 1.2799, False), (1.0, 1.2801, True), (1.0, 0.5, False),
+    # A < 0: the lower bound 1 - eps = 0.8 is the one that bites
+    (-1.0, 0.8001, False), (-1.0, 0.7999, True), (-1.0, 1.9, False),
+])
+def test_clip_bounds_are_pinned_on_both_sides(advantage, ratio, clipped):
+    """eps = 0.2 below, eps_high = 0.28 above (DAPO's clip-higher): a token past the bound on the
+    side its advantage pushes gets exactly zero gradient, one just inside gets A·ρ's."""
+    old = torch.zeros(1, 1)
+    logp = torch.full((1, 1), math.log(ratio), requires_grad=True)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    adv = torch.tensor([advantage])
+    loss = policy_loss(logp, mask, adv, old_logprobs=old, clip_eps=0.2, clip_eps_high=0.28, aggregation="token_mean")
+    loss.backward()
+    expected = 0.0 if clipped else -advantage * ratio  # d(-A·ρ)/d log π = -A·ρ
+    assert logp.grad.item() == pytest.approx(expected, abs=0.0 if clipped else 1e-6)
+    assert clip_fraction(logp, old, mask, adv, 0.2, 0.28).item() == float(clipped)
+
+
+def test_clip_eps_high_defaults_to_clip_eps():
+    logp, old, mask = torch.tensor([[math.log(1.25)]]), torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool)
+    adv = torch.tensor([1.0])
+    assert policy_loss(logp, mask, adv, old, clip_eps=0.2).item() == pytest.approx(-1.2)
+    assert policy_loss(logp, mask, adv, old, clip_eps=0.2, clip_eps_high=0.3).item() == pytest.approx(-1.25)

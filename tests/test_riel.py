@@ -55,7 +55,8 @@ def make_rollouts(world):
                 completions.append(tok.encode(f"{q + i + g} + {g} = {q + i + 2 * g}" + " ok" * g) + [tok.eot_id])
     old = [torch.zeros(len(c)) for c in completions]
     rows = torch.arange(len(prompts)).view(len(EXAMPLES), len(world.system_prompts), G)
-    return Rollouts(rows, prompts, completions, old, [True] * len(prompts), [""] * len(prompts))
+    return Rollouts(rows, prompts, completions, old, [True] * len(prompts), [""] * len(prompts),
+                    [torch.zeros(len(c)) for c in completions])
 
 
 def seq_logprob(model, prompt, completion, vocab_limit, temperature=1.0):
@@ -111,7 +112,7 @@ def test_the_accumulated_gradient_is_the_gradient_of_e7_written_out_on_the_whole
     cfg = RielConfig(group_size=G, aggregation=aggregation, loss="clipped", clip_eps=0.1, beta=0.3,
                      lambda1=0.5, lambda2=2.0, micro_batch_size=3, temperature=0.8, max_new_tokens=14)
     model.zero_grad()
-    out = backward_e7(model, w, ro, TWO_ACTIVE, advantages, sft_items, BY_ID, cfg, ref_model)
+    out, _ = backward_e7(model, w, ro, TWO_ACTIVE, advantages, sft_items, BY_ID, cfg, ref_model)
     got = grads(model)
     assert out["inter_expert/active_questions"] == 2 and 0 < out["clip_ratio"] < 1
 
@@ -147,7 +148,7 @@ def test_rows_with_zero_advantage_are_skipped_without_changing_the_gradient(worl
     cfg = RielConfig(group_size=G, aggregation=aggregation, micro_batch_size=4, temperature=0.8,
                      max_new_tokens=12, lambda1=0.0)
     model.zero_grad()
-    out = backward_e7(model, w, ro, ONE_ACTIVE, advantages, [], BY_ID, cfg)
+    out, _ = backward_e7(model, w, ro, ONE_ACTIVE, advantages, [], BY_ID, cfg)
     got = grads(model)
 
     model.zero_grad()
@@ -164,7 +165,7 @@ def test_inter_expert_term_is_zero_when_experts_tie(world):
     model, w, _ = world
     rewards = torch.tensor([[[1, 0, 0]] * 3, [[0, 0, 0]] * 3], dtype=torch.float)
     model.zero_grad()
-    out = backward_e7(model, w, make_rollouts(w), rewards, torch.zeros(2, 3, G), [], BY_ID, RielConfig(group_size=G))
+    out, _ = backward_e7(model, w, make_rollouts(w), rewards, torch.zeros(2, 3, G), [], BY_ID, RielConfig(group_size=G))
     assert out["loss/inter_expert_kl"] == 0.0 and out["inter_expert/active_questions"] == 0
     assert grads(model) == {}
 
@@ -174,7 +175,7 @@ def test_full_vocab_inter_expert_term_is_the_exact_kl_along_the_plus_rollouts(wo
     ro = make_rollouts(w)
     model.zero_grad()
     cfg = RielConfig(group_size=G, inter_expert_variant="full_vocab", micro_batch_size=1)
-    out = backward_e7(model, w, ro, ONE_ACTIVE, torch.zeros(2, 3, G), [], BY_ID, cfg)
+    out, _ = backward_e7(model, w, ro, ONE_ACTIVE, torch.zeros(2, 3, G), [], BY_ID, cfg)
     got = grads(model)
 
     model.zero_grad()
@@ -233,3 +234,51 @@ def test_e5_micro_batches_hold_whole_questions():
         for b in batches:  # no question is split, and a batch is over `size` only if it is one question
             assert all(set((question == q).nonzero().flatten().tolist()) <= set(b.tolist()) for q in question[b])
             assert len(b) <= size or len(question[b].unique()) == 1
+
+
+def test_first_update_with_recomputed_old_logprobs_has_e3s_gradient(world):
+    """μ = 1: with π_old taken from the training forward, ρ = 1 and the clipped surrogate's
+    gradient is the paper's E3 gradient, whatever the sampler reported."""
+    model, w, _ = world
+    ro = make_rollouts(w)
+    with torch.no_grad():  # a sampler that reports every log-prob 3 nats too low
+        ro.old_logprobs = [seq_logprob(model, p, c, w.tokenizer.vocab_size) - 3.0
+                           for p, c in zip(ro.prompts, ro.completions)]
+    advantages = group_advantages(TWO_ACTIVE, scale="group_std")
+    base = dict(group_size=G, lambda1=0.0, micro_batch_size=4, max_new_tokens=14)
+    model.zero_grad()
+    out, recomputed = backward_e7(model, w, ro, TWO_ACTIVE, advantages, [], BY_ID,
+                                  RielConfig(**base, loss="clipped", recompute_old_logprobs=True))
+    clipped = grads(model)
+    assert out["clip_ratio"] == 0.0 and out["logprobs/sampler_trainer_gap"] == pytest.approx(3.0, abs=1e-4)
+    model.zero_grad()
+    backward_e7(model, w, ro, TWO_ACTIVE, advantages, [], BY_ID, RielConfig(**base, loss="paper"))
+    assert_same_grads(clipped, grads(model))
+    assert sorted(recomputed) == [r for r in range(len(ro.prompts)) if ro.per_row(advantages)[r] != 0]
+
+
+def test_second_update_uses_the_first_updates_log_probs_as_pi_old_and_clips(world, tmp_path):
+    """μ = 2: after one (large) optimizer step on the same rollouts, the gradient is that of E3'
+    with π_old = the first update's log-probs, and tokens past the clip contribute nothing."""
+    _, w, config = world
+    model = tiny_model(config, 5)
+    ro = make_rollouts(w)
+    advantages = group_advantages(TWO_ACTIVE, scale="group_std")
+    cfg = RielConfig(group_size=G, lambda1=0.0, micro_batch_size=4, max_new_tokens=14, loss="clipped",
+                     recompute_old_logprobs=True, clip_eps=0.05)
+    model.zero_grad()
+    _, old = backward_e7(model, w, ro, TWO_ACTIVE, advantages, [], BY_ID, cfg)
+    torch.optim.SGD(model.parameters(), lr=3.0).step()
+    model.zero_grad()
+    out, _ = backward_e7(model, w, ro, TWO_ACTIVE, advantages, [], BY_ID, cfg, old_logprobs=old)
+    got = grads(model)
+    assert 0 < out["clip_ratio"] < 1
+
+    model.zero_grad()
+    V = w.tokenizer.vocab_size
+    logp, mask = padded([seq_logprob(model, p, c, V) for p, c in zip(ro.prompts, ro.completions)])
+    old_all, _ = padded([old.get(r, torch.zeros(len(c))) for r, c in enumerate(ro.completions)])
+    expected = policy_loss(logp, mask, advantages.flatten(), old_all, clip_eps=0.05)
+    expected.backward()
+    assert out["loss/policy"] == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
+    assert_same_grads(got, grads(model))

@@ -248,6 +248,39 @@ def test_logprobs_equal_log_softmax_of_recomputed_logits_at_temperature(checkpoi
             assert all(c in t for c, t in zip(completion, top.tolist()))
 
 
+@pytest.mark.parametrize("temperature, top_k", [(0.7, 0), (1.3, 5)])
+def test_entropy_is_that_of_the_unfiltered_distribution_at_temperature(checkpoint, temperature, top_k):
+    """return_entropy: -Σ p log p of softmax(logits[:limit] / T) at each step, recomputed without
+    a cache; top-k does not change it (it is the distribution π_old is reported under)."""
+    _, model, _ = checkpoint
+    limit = VOCAB - 6
+    out = generate(model, PROMPTS, max_new_tokens=10, stop_ids=[], pad_id=0, vocab_limit=limit,
+                   temperature=temperature, top_k=top_k, generator=torch.Generator().manual_seed(1),
+                   return_entropy=True)
+    for r, prompt in enumerate(PROMPTS):
+        logp = torch.log_softmax(full_recompute_logits(model, prompt, row(out, r))[:, :limit] / temperature, -1)
+        expected = -(logp.exp() * logp).sum(-1)  # [T]
+        assert torch.allclose(out.entropy[r], expected, atol=1e-5)
+    assert generate(model, PROMPTS, max_new_tokens=2, stop_ids=[], pad_id=0).entropy is None
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_rows_that_share_a_prompt_share_its_prefill_and_sample_the_same(checkpoint, temperature):
+    """G copies of each prompt (consecutive, as RIEL lays them out, and interleaved): prefilling
+    each distinct prompt once and copying its cache gives what prefilling every row gives."""
+    _, model, _ = checkpoint
+    prompts = [p for p in PROMPTS for _ in range(4)] + PROMPTS[::-1]
+    outs = [generate(model, prompts, max_new_tokens=10, stop_ids=[3], pad_id=0, temperature=temperature,
+                     generator=torch.Generator().manual_seed(2), return_entropy=True, share_prefill=share)
+            for share in (True, False)]
+    assert torch.equal(outs[0].completion_ids, outs[1].completion_ids)
+    assert torch.equal(outs[0].completion_mask, outs[1].completion_mask)
+    assert torch.allclose(outs[0].logprobs, outs[1].logprobs, atol=1e-6)
+    assert torch.allclose(outs[0].entropy, outs[1].entropy, atol=1e-5)
+    if temperature:  # the copies of one prompt sample different completions
+        assert len({tuple(row(outs[0], r)) for r in range(4)}) > 1
+
+
 def test_seeded_sampling_is_reproducible_through_generate(checkpoint):
     _, model, _ = checkpoint
     draw = lambda seed: generate(model, PROMPTS, max_new_tokens=8, stop_ids=[3], pad_id=0,

@@ -383,3 +383,30 @@ def test_a_resumed_bf16_run_continues_from_its_fp32_master_weights(tmp_path):
         a = torch.load(whole / step / "trainer_state.pt", weights_only=True)["master_weights"]
         b = torch.load(resumed / step / "trainer_state.pt", weights_only=True)["master_weights"]
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_several_updates_per_rollout_batch_and_the_policy_health_metrics(tmp_path):
+    """--num-iterations 2: one metrics line per step; entropy per expert and the sampler-trainer
+    log-prob gap are logged (β > 0 scores every row), and in fp32 the sampler's π_old is the
+    trainer's (gap ~1e-7) while in bf16 they differ."""
+    args = ["--mef-steps", "1", "--riel-steps", "2", "--num-iterations", "2", "--loss", "clipped",
+            "--beta", "0.04"] + TINY
+    assert train.main(args + ["--output", str(tmp_path / "fp32")]) == 0
+    riel = [r for r in metrics(tmp_path / "fp32") if r["stage"] == "riel"]
+    assert [r["step"] for r in riel] == [1, 2]
+    for r in riel:
+        assert 0 < r["logprobs/sampler_trainer_gap"] < 1e-4
+        assert all(0 < r[f"entropy/expert_{i}"] <= math.log(512) for i in range(3))  # at most a uniform's
+        assert 0 <= r["clip_ratio"] <= 1
+    assert train.main(args + ["--output", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    fp32_gap = riel[-1]["logprobs/sampler_trainer_gap"]
+    assert metrics(tmp_path / "bf16")[-1]["logprobs/sampler_trainer_gap"] > 10 * fp32_gap
+
+
+def test_pi_old_is_recomputed_by_default_unless_compute_is_fp32():
+    cfg = train.make_config("meml-grpo", synthetic=True, overrides={})
+    fp32, bf16 = train.Precision(*[torch.float32] * 3), train.Precision(torch.float32, torch.bfloat16, torch.bfloat16)
+    assert not train.riel_settings(cfg, fp32).recompute_old_logprobs
+    assert train.riel_settings(cfg, bf16).recompute_old_logprobs
+    forced = train.make_config("meml-grpo", synthetic=True, overrides={"riel.recompute_old_logprobs": False})
+    assert train.riel_settings(forced, bf16).recompute_old_logprobs is False
