@@ -28,9 +28,11 @@ batch (tests/test_riel.py checks this against E7 written out in one expression).
 advantage is 0 (all-equal groups, and every row at or below its group's mean under the paper's
 max(A, 0)) add exactly nothing to E3, so they are not scored unless E4 needs them.
 
-One optimizer step per rollout batch (the paper's setting and TRL's default): π_old is the
-policy that sampled, and the clipped objective E3' matters only through its value at ratio 1.
-The decisions this step makes where the paper is silent are D3-D11 in README.md, "Decisions".
+Updates: one optimizer step per rollout batch by default (the paper's setting and TRL's), where
+the clipped objective E3' matters only through its value at ρ = 1; with cfg.num_iterations = μ
+the step yields after each of μ backward passes on the same rollouts and the caller steps the
+optimizer in between, π_old staying the first update's (decision D21 says which π_old).
+The decisions this step makes where the paper is silent are D3-D13 and D21 in README.md.
 """
 import time
 from dataclasses import dataclass
