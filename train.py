@@ -18,6 +18,7 @@ choices the paper leaves open and the flag that flips each.
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from meml import data, synthetic, synthetic_assets
+from meml import data, distributed, synthetic, synthetic_assets
 from meml.buffer import HardExampleBuffer
 from meml.checkpoint import RUN_INFO, TRAINER_STATE, latest_checkpoint, load_trainer_state
 from meml.config import PRESETS, TrainConfig, add_option_flags, make_config, overrides_from
@@ -183,21 +184,24 @@ def teacher_answers(args, cfg, run_dir, train, prompts, dataset, device, dtype) 
             raise InputError(f"--teacher {teacher_dir}: teacher {n} would write expert {n}'s data, "
                              f"but there are only {len(prompts)} expert prompts")
         path = run_dir / f"expert{n}.jsonl"
-        if path.exists():  # written by an earlier start of this run (e.g. before a --resume)
-            answers += data.load_expert_jsonl(path)
-            continue
-        teacher, teacher_tokenizer = load(teacher_dir, device=device, dtype=dtype)
-        generated = generate_expert_data(teacher, teacher_tokenizer, train, prompts[n], n, dataset,
-                                         max_new_tokens=cfg.riel.max_new_tokens,
-                                         generator=torch.Generator(device=device).manual_seed(cfg.seed))
-        data.write_expert_jsonl(path, generated)
-        print(f"teacher {teacher_dir}: {len(generated)}/{len(train)} verified answers -> {path}")
-        answers += generated
+        # written once, by rank 0 (or by an earlier start of this run, e.g. before a --resume)
+        if distributed.is_main() and not path.exists():
+            teacher, teacher_tokenizer = load(teacher_dir, device=device, dtype=dtype)
+            generated = generate_expert_data(teacher, teacher_tokenizer, train, prompts[n], n, dataset,
+                                             max_new_tokens=cfg.riel.max_new_tokens,
+                                             generator=torch.Generator(device=device).manual_seed(cfg.seed))
+            data.write_expert_jsonl(path, generated)
+            print(f"teacher {teacher_dir}: {len(generated)}/{len(train)} verified answers -> {path}")
+        distributed.barrier()
+        answers += data.load_expert_jsonl(path)
     return answers
 
 
 def write_run_info(run_dir: Path, task: Task, cfg: TrainConfig) -> None:
-    """What evaluate.py needs to score this run's checkpoints on this run's terms (RUN_INFO)."""
+    """What evaluate.py needs to score this run's checkpoints on this run's terms (RUN_INFO).
+    Written by rank 0."""
+    if not distributed.is_main():
+        return
     info = {"dataset": task.dataset, "seed": cfg.seed, "system_prompts": task.system_prompts,
             "eval_source": task.eval_source, "eval_ids": [ex.id for ex in task.evals],
             "eval_max_new_tokens": cfg.eval_max_new_tokens}
@@ -217,7 +221,8 @@ def resume_stage(state: dict | None, stage: Stage, optimizer, checkpoint: Path |
         step = restore(state, stage, optimizer)
     except ValueError as err:
         raise InputError(f"cannot resume from {checkpoint / TRAINER_STATE}: {err}") from None
-    truncate_metrics(checkpoint.parent / "metrics.jsonl", state["stage"], state["step"])
+    if distributed.is_main():
+        truncate_metrics(checkpoint.parent / "metrics.jsonl", state["stage"], state["step"])
     return step
 
 
@@ -251,9 +256,12 @@ def run_mef(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, che
 
     def mef_step(step):
         batch = [items[i] for i in batch_indices(len(items), cfg.mef_batch_size, step, cfg.seed)]
+        mine = distributed.shard(batch, "--mef-batch-size")  # this process's answers of the step
+        total = int(distributed.all_reduce_sum(sum(len(it.completion) for it in mine)))
         t0 = time.time()
-        loss, tokens = sft_loss(task.model, task.tokenizer, batch, cfg.riel.micro_batch_size)
-        yield torch.tensor(loss), {"loss/nll": loss, "tokens_per_second": tokens / (time.time() - t0)}
+        loss, _ = sft_loss(task.model, task.tokenizer, mine, cfg.riel.micro_batch_size, total_tokens=total)
+        loss = distributed.all_reduce_sum(loss).item()
+        yield torch.tensor(loss), {"loss/nll": loss, "tokens_per_second": total / (time.time() - t0)}
 
     task.model.train()
     run_stage(stage, task.model, optimizer, mef_step, run_dir=run_dir, tokenizer_dir=task.model_dir,
@@ -275,7 +283,8 @@ def run_riel(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, ch
     steps = cfg.riel_steps if cfg.riel_steps is not None else math.ceil(len(task.train) * cfg.riel_epochs / r.questions_per_step)
     print(f"RIEL ({cfg.preset}): {steps} steps x {r.questions_per_step} questions x "
           f"{len(task.system_prompts)} experts x G={r.group_size}")
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    # each rank its own stream (a world of one: the seed itself); the buffer's coins are shared
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003 * distributed.rank())
     buffer = HardExampleBuffer(r.buffer_capacity, r.buffer_k, r.group_size, cfg.seed) if r.hard_example_buffer else None
     hidden = [name for name, off in [("loss/ref_kl", r.beta == 0), ("loss/inter_expert_kl", r.lambda1 == 0),
                                      ("loss/sft", buffer is None)] if off]
@@ -286,8 +295,9 @@ def run_riel(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, ch
     ref_model = None
     if r.beta > 0:  # E4's reference: the policy as RIEL starts, kept on disk for resume
         ref_dir = run_dir / "reference"
-        if checkpoint is None or state["stage"] != "riel":
+        if distributed.is_main() and (checkpoint is None or state["stage"] != "riel"):
             task.model.save_pretrained(ref_dir, dtype=precision.compute)
+        distributed.barrier()
         ref_model = Transformer.from_pretrained(ref_dir, dtype=precision.compute, device=device).eval()
         ref_model.requires_grad_(False)
     optimizer = make_optimizer(task.model, stage)
@@ -351,10 +361,16 @@ def run(argv=None) -> int:
             raise InputError(f"{saved} not found: --resume takes the run folder of an earlier train.py run")
         args = parse_args(json.loads(saved.read_text()) + ["--resume", str(args.resume)])
     cfg = make_config(args.preset, synthetic=args.model is None, overrides=overrides_from(args))
-    if not args.resume:
+    device, precision = torch.device(args.device), precision_of(args)
+    distributed.init(device.type)  # under torchrun: join the other processes (meml/distributed.py)
+    if not distributed.is_main():  # every rank trains; rank 0 alone prints and writes the run's files
+        sys.stdout = open(os.devnull, "w")
+    if device.type == "cuda" and distributed.world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if not args.resume and distributed.is_main():
         args.output.mkdir(parents=True, exist_ok=True)
         (args.output / "args.json").write_text(json.dumps(sys.argv[1:] if argv is None else list(argv)))
-    device, precision = torch.device(args.device), precision_of(args)
+    distributed.barrier()
     if args.bf16_weights:
         print("--bf16-weights: weights and AdamW states are bf16; an update smaller than ~2^-9 of a "
               "weight is rounded away, so at small learning rates most updates are lost", file=sys.stderr)
@@ -391,6 +407,8 @@ def run(argv=None) -> int:
         results["after RIEL"] = evaluate(task, cfg, precision)
     # 5. Report (E8).
     if not cfg.run_mef and not cfg.run_riel:
+        return 0
+    if not distributed.is_main():
         return 0
     riel_summary = summarise_riel(run_dir / "metrics.jsonl", len(task.system_prompts)) if cfg.run_riel else None
     (run_dir / "results.json").write_text(json.dumps({"preset": cfg.preset, "results": results,

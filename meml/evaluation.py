@@ -19,6 +19,7 @@ from math import comb
 
 import torch
 
+from meml import distributed
 from meml.inference import complete
 from meml.prompts import expert_grid
 from meml.rewards import extract_answer, reward
@@ -104,14 +105,30 @@ def evaluate_experts(model, tokenizer, examples, system_prompts: list[str], data
                      max_new_tokens: int = 256, batch_size: int = 64, pass_k: int = 0,
                      seed: int = 0) -> dict:
     """E8: greedy accuracy per expert prompt, majority vote, oracle, error overlap; and pass@1 /
-    pass@k per expert from `pass_k` samples at temperature 1 (skipped when pass_k is 0)."""
+    pass@k per expert from `pass_k` samples at temperature 1 (skipped when pass_k is 0).
+
+    Across processes (meml/distributed.py) each rank answers a contiguous share of the questions
+    and the per-question results are gathered: the greedy figures are those of one process;
+    pass@k draws its samples per rank (seed + rank), so it is not."""
     model.eval()
-    conversations, rows = expert_grid(examples, system_prompts, dataset, copies=1)  # rows [Q, N, 1]
+    w, r = distributed.world_size(), distributed.rank()
+    mine = examples[r * len(examples) // w:(r + 1) * len(examples) // w]
+    conversations, rows = expert_grid(mine, system_prompts, dataset, copies=1)  # rows [Q, N, 1]
     texts = complete(model, tokenizer, conversations, max_new_tokens=max_new_tokens,
                      batch_size=batch_size).texts
+    answers = [[texts[row] for row in rows[q, :, 0].tolist()] for q in range(len(mine))]  # one per expert
+    hits = None
+    if pass_k:
+        conversations, rows = expert_grid(mine, system_prompts, dataset, copies=pass_k)  # [Q, N, k]
+        generator = torch.Generator(device=model.output_weight.device).manual_seed(seed + 1_000_003 * r)
+        sampled = complete(model, tokenizer, conversations, max_new_tokens=max_new_tokens, temperature=1.0,
+                           batch_size=batch_size, generator=generator).texts
+        hits = [[sum(reward(dataset, sampled[row], ex) == 1.0 for row in rows[q, i].tolist())
+                 for i in range(len(system_prompts))] for q, ex in enumerate(mine)]  # [Q][N]
+    answers, hits = _gathered(answers), _gathered(hits) if pass_k else None
     correct, votes_right = [], []
-    for q, ex in enumerate(examples):
-        ok, vote_ok = judge(dataset, [texts[r] for r in rows[q, :, 0].tolist()], ex)  # one answer per expert
+    for ex, row in zip(examples, answers):
+        ok, vote_ok = judge(dataset, row, ex)
         correct.append(ok)
         votes_right.append(vote_ok)
     result = {
@@ -120,18 +137,15 @@ def evaluate_experts(model, tokenizer, examples, system_prompts: list[str], data
         "majority_vote": accuracy(votes_right),
         "oracle": oracle_accuracy(correct),
         "error_overlap": error_overlap(correct),
-        "samples": [{"id": examples[q].id, "expert": i, "text": texts[rows[q, i, 0]]}
+        "samples": [{"id": examples[q].id, "expert": i, "text": answers[q][i]}
                     for q in range(min(3, len(examples))) for i in range(len(system_prompts))],
     }
-    if pass_k:
-        conversations, rows = expert_grid(examples, system_prompts, dataset, copies=pass_k)  # [Q, N, k]
-        generator = torch.Generator(device=model.output_weight.device).manual_seed(seed)
-        sampled = complete(model, tokenizer, conversations, max_new_tokens=max_new_tokens, temperature=1.0,
-                           batch_size=batch_size, generator=generator).texts
-        hits = torch.tensor([[[reward(dataset, sampled[r], ex) for r in rows[q, i].tolist()]
-                              for i in range(len(system_prompts))] for q, ex in enumerate(examples)])
-        hits = hits.sum(-1).long()  # [Q, N]: correct samples of each (question, expert)
-        for k in sorted({1, pass_k}):
-            result[f"pass@{k}"] = [sum(pass_at_k(pass_k, int(c), k) for c in hits[:, i]) / len(examples)
-                                   for i in range(len(system_prompts))]
+    for k in sorted({1, pass_k}) if pass_k else []:
+        result[f"pass@{k}"] = [sum(pass_at_k(pass_k, row[i], k) for row in hits) / len(examples)
+                               for i in range(len(system_prompts))]
     return result
+
+
+def _gathered(per_question: list) -> list:
+    """Every rank's per-question list, concatenated in rank (so question) order."""
+    return [item for part in distributed.all_gather_objects(per_question) for item in part]

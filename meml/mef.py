@@ -62,9 +62,12 @@ def mef_items(tokenizer, examples: list[Example], answers: list[ExpertAnswer], s
             for a in answers if a.expert in experts]
 
 
-def sft_loss(model, tokenizer, items: list[SFTItem], micro_batch_size: int) -> tuple[float, int]:
-    """E1 over `items`, token-mean, with backward per micro-batch. Returns (loss, tokens)."""
-    total_tokens = sum(len(it.completion) for it in items)
+def sft_loss(model, tokenizer, items: list[SFTItem], micro_batch_size: int,
+             total_tokens: int | None = None) -> tuple[float, int]:
+    """E1 over `items`, token-mean, with backward per micro-batch. Returns (loss, tokens).
+    total_tokens: the answer tokens of the whole batch when `items` is this process's share of
+    it (meml/distributed.py); the returned loss is then this share's part of the batch's."""
+    total_tokens = total_tokens or sum(len(it.completion) for it in items)
     value = 0.0
     for start in range(0, len(items), micro_batch_size):
         chunk = items[start:start + micro_batch_size]

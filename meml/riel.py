@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from meml import distributed
 from meml.advantage import group_advantages, reward_stats
 from meml.buffer import HardExampleBuffer
 from meml.config import RielConfig
@@ -169,12 +170,13 @@ def select_parts(world: World, ro: Rollouts, rewards, advantages, sft_items, exa
 
 
 def denominators(ro: Rollouts, parts: PartRows, cfg: RielConfig) -> Denominators:
-    """The whole step's denominators: what each part's sum is divided by."""
-    lengths = torch.tensor([len(c) for c in ro.completions])
+    """The whole step's denominators, over every rank's rows (meml/distributed.py): what each
+    part's sum is divided by."""
+    lengths = distributed.all_gather_tensor(torch.tensor([len(c) for c in ro.completions]))  # [all rows]
     return Denominators(
         policy=aggregation_denominator(lengths, cfg.aggregation, cfg.max_new_tokens),
-        inter_expert=len(set(parts.plus_question.tolist())),
-        sft=torch.tensor(float(max(1, sum(len(t) for t in parts.sft_targets)))))
+        inter_expert=int(distributed.all_reduce_sum(len(set(parts.plus_question.tolist())))),
+        sft=distributed.all_reduce_sum(sum(len(t) for t in parts.sft_targets)).float().clamp(min=1))
 
 
 def policy_micro_batches(model, world, ro: Rollouts, advantages, parts: PartRows, d: Denominators,
@@ -271,13 +273,18 @@ def backward_e7(model, world: World, ro: Rollouts, rewards, advantages, sft_item
             total_loss(**share, lambda1=cfg.lambda1, lambda2=cfg.lambda2, beta=cfg.beta).backward()  # E7
             for name, value in share.items():
                 values[name] += value.item()
+    # every rank holds its share of each part and statistic: their sums are the step's
+    names = list(values) + ["clip_ratio", "clip_tokens", "gap_sum", "gap_tokens"]
+    summed = distributed.all_reduce_sum([values[k] for k in values] + [stats[k] for k in names[4:]])
+    values, stats = dict(zip(values, summed[:4].tolist())), {**stats, **dict(zip(names[4:], summed[4:].tolist()))}
     e7 = total_loss(*(torch.tensor(values[k]) for k in ("policy", "inter_expert_kl", "sft", "reference_kl")),
                     lambda1=cfg.lambda1, lambda2=cfg.lambda2, beta=cfg.beta).item()
     metrics = {"loss/policy": values["policy"], "loss/ref_kl": values["reference_kl"],
                "loss/inter_expert_kl": values["inter_expert_kl"], "loss/sft": values["sft"], "loss/total": e7,
                "clip_ratio": stats["clip_ratio"] / max(stats["clip_tokens"], 1),
                "logprobs/sampler_trainer_gap": stats["gap_sum"] / max(stats["gap_tokens"], 1),
-               "inter_expert/active_questions": d.inter_expert, "buffer/gold_fallbacks": fallbacks}
+               "inter_expert/active_questions": d.inter_expert,
+               "buffer/gold_fallbacks": int(distributed.all_reduce_sum(fallbacks))}
     return metrics, stats["recomputed"]
 
 
@@ -313,22 +320,23 @@ def _completion_logits(model, batch, cfg: RielConfig, tok) -> torch.Tensor:
 # The step
 
 def riel_metrics(ro: Rollouts, rewards: torch.Tensor, advantages: torch.Tensor) -> dict:
-    """Per-step statistics with names a TRL user recognises."""
+    """Per-step statistics with names a TRL user recognises, over every rank's rollouts.
+    rewards, advantages: [Q, N, G] of the whole step (all ranks)."""
     stats = reward_stats(rewards)
-    lengths = torch.tensor([len(c) for c in ro.completions], dtype=torch.float)
+    per_row = torch.stack([torch.tensor([float(len(c)) for c in ro.completions]),             # [3, rows]
+                           torch.tensor([float(f) for f in ro.finished]),
+                           torch.tensor([e.mean().item() if len(e) else 0.0 for e in ro.entropy])])
+    lengths, finished, entropy = distributed.all_gather_tensor(per_row[:, ro.rows].movedim(0, 1)).movedim(1, 0)  # [Q, N, G] each
     out = {
         "reward": rewards.mean().item(),
         "reward_std": rewards.std().item(),
         "frac_reward_zero_std": stats["zero_signal"].mean().item(),
         "completions/mean_length": lengths.mean().item(),
         "completions/max_length": lengths.max().item(),
-        "completions/clipped_ratio": 1.0 - sum(ro.finished) / len(ro.finished),
+        "completions/clipped_ratio": 1.0 - finished.mean().item(),
         "advantages/nonzero_frac": (advantages != 0).float().mean().item(),
     }
-    entropy = ro.per_row(torch.zeros(rewards.shape))  # [rows]: each row's mean token entropy
-    for r, e in enumerate(ro.entropy):
-        entropy[r] = e.mean() if len(e) else 0.0
-    by_expert = entropy[ro.rows].mean(dim=(0, 2))  # [N]
+    by_expert = entropy.mean(dim=(0, 2))  # [N]: mean over rows of each row's mean token entropy
     out["entropy"] = by_expert.mean().item()
     for i in range(rewards.shape[1]):
         out[f"entropy/expert_{i}"] = by_expert[i].item()
@@ -342,19 +350,28 @@ def riel_step(model, world: World, examples, cfg: RielConfig, generator: torch.G
               buffer: HardExampleBuffer | None, examples_by_id: dict, ref_model=None):
     """Stages 2a-2e for one batch of questions. Yields (E7's value, metrics) after each of the
     cfg.num_iterations backward passes on the same rollouts: the caller takes an optimizer step
-    (meml/trainer.py) before the next one."""
+    (meml/trainer.py) before the next one.
+
+    Across processes (meml/distributed.py) every rank gets the whole batch and works on its
+    contiguous share of the questions: all N x G rollouts of a question stay on one rank, so its
+    groups (E2) and its E+/E− pair (E5) are local; rewards are gathered, so advantages with
+    batch_std, the buffer (E6) and the metrics see the whole step on every rank."""
     t0 = time.time()
     model.eval()
-    ro = sample_rollouts(model, world, examples, cfg, generator)                         # 2a
+    mine = distributed.shard(examples, "--questions-per-step")
+    ro = sample_rollouts(model, world, mine, cfg, generator)                             # 2a
     t1 = time.time()
-    rewards = score_rollouts(ro, world, examples)                                         # 2b [Q, N, G]
+    rewards = distributed.all_gather_tensor(score_rollouts(ro, world, mine))              # 2b [Q, N, G]
     advantages = group_advantages(rewards, scale=cfg.advantage_scale, eps=cfg.advantage_eps,
                                   positive_only=cfg.positive_only)                        # 2c [Q, N, G]
     sft_items, inserted = fill_buffer(buffer, examples, rewards) if buffer is not None else ([], 0)  # 2d
     t2 = time.time()
     model.train()
     rollout_metrics = riel_metrics(ro, rewards, advantages)
-    generated = sum(len(c) for c in ro.completions)
+    first = distributed.rank() * len(mine)                  # this rank's questions in the step
+    rewards, advantages = rewards[first:first + len(mine)], advantages[first:first + len(mine)]
+    my_items = sft_items[distributed.rank()::distributed.world_size()]  # the buffer's SFT, split
+    generated = int(distributed.all_reduce_sum(sum(len(c) for c in ro.completions)))
     rollout_metrics.update({
         "buffer/fill": len(buffer) if buffer is not None else 0,
         "buffer/insertions": inserted,
@@ -367,7 +384,7 @@ def riel_step(model, world: World, examples, cfg: RielConfig, generator: torch.G
     })
     old_logprobs, gap = None, None  # π_old: the sampler's, or the first update's own (D21)
     for _ in range(cfg.num_iterations):                                                   # μ updates
-        metrics, recomputed = backward_e7(model, world, ro, rewards, advantages, sft_items, examples_by_id,
+        metrics, recomputed = backward_e7(model, world, ro, rewards, advantages, my_items, examples_by_id,
                                           cfg, ref_model, old_logprobs)                   # 2e
         old_logprobs = old_logprobs or recomputed or None
         gap = metrics["logprobs/sampler_trainer_gap"] if gap is None else gap  # the sampling weights' gap

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from meml import distributed
 from meml.checkpoint import save_checkpoint
 
 
@@ -91,7 +92,8 @@ def trainer_state(stage: Stage, step: int, optimizer, carry: dict, model) -> dic
         "step": step,
         "optimizer": optimizer.state_dict(),
         "torch_rng": torch.get_rng_state(),
-        "generators": {k: g.get_state() for k, g in stage.generators.items()},
+        "generators": {k: g.get_state() for k, g in stage.generators.items()},  # rank 0's
+        "generators_by_rank": distributed.all_gather_objects({k: g.get_state() for k, g in stage.generators.items()}),
         "extra": {k: obj.state_dict() for k, obj in stage.extra_state.items()},
         "carry": carry,  # plain data the run wants back on resume (e.g. the after-MEF table)
     }
@@ -108,8 +110,11 @@ def restore(state: dict, stage: Stage, optimizer) -> int:
                          "written for another model layout, e.g. by a meml from before q/k/v_proj "
                          "were fused into qkv_proj") from err
     torch.set_rng_state(state["torch_rng"])
+    by_rank = state.get("generators_by_rank", [state["generators"]])
     for k, g in stage.generators.items():
-        g.set_state(state["generators"][k])
+        # a run resumed at another world size: ranks beyond the saved ones keep their fresh seeds
+        if distributed.rank() < len(by_rank):
+            g.set_state(by_rank[distributed.rank()][k])
     for k, obj in stage.extra_state.items():
         obj.load_state_dict(state["extra"][k])
     return state["step"]
@@ -153,7 +158,8 @@ def run_stage(stage: Stage, model, optimizer, step_fn, *, run_dir: Path, tokeniz
     carry = carry or {}
     started = time.time()
     device_type = next(model.parameters()).device.type
-    with open(run_dir / "metrics.jsonl", "a") as log:
+    main = distributed.is_main()  # rank 0 logs and checkpoints; every rank trains
+    with open(run_dir / "metrics.jsonl", "a") if main else contextlib.nullcontext() as log:
         for step in range(start_step, stage.total_steps):
             t0 = time.time()
             for group in optimizer.param_groups:
@@ -170,21 +176,24 @@ def run_stage(stage: Stage, model, optimizer, step_fn, *, run_dir: Path, tokeniz
             samples = metrics.pop("samples", None)
             metrics.update({"stage": stage.name, "step": step + 1, "lr": lr_at(step, stage),
                             "time/step": time.time() - t0})
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
-            if samples and (step + 1) % sample_every == 0:
+            if main:
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+            if main and samples and (step + 1) % sample_every == 0:
                 with open(run_dir / "samples.jsonl", "a") as f:
                     f.write(json.dumps({"stage": stage.name, "step": step + 1, "samples": samples}) + "\n")
                 print_fn(f"  sample (expert {samples[0]['expert']}, reward {samples[0]['reward']}): "
                          f"{samples[0]['text'][:200]!r}")
             done = step + 1 - start_step
             eta = (time.time() - started) / done * (stage.total_steps - step - 1)
-            if (step + 1) % log_every == 0 or step + 1 == stage.total_steps:
+            if main and ((step + 1) % log_every == 0 or step + 1 == stage.total_steps):
                 print_fn(_progress_line(stage, step + 1, metrics, eta))
             if (step + 1) % stage.save_every == 0 or step + 1 == stage.total_steps:
-                state = trainer_state(stage, step + 1, optimizer, carry, model)
-                save_checkpoint(run_dir, stage.step_offset + step + 1, model, tokenizer_dir, state,
-                                dtype=stage.save_dtype)
+                state = trainer_state(stage, step + 1, optimizer, carry, model)  # every rank: gathers
+                if main:
+                    save_checkpoint(run_dir, stage.step_offset + step + 1, model, tokenizer_dir, state,
+                                    dtype=stage.save_dtype)
+                distributed.barrier()  # no rank runs ahead of a checkpoint it may resume from
 
 
 def _checked_grad_norm(stage: Stage, model, step: int, loss, metrics: dict, run_dir: Path) -> float:
@@ -195,6 +204,7 @@ def _checked_grad_norm(stage: Stage, model, step: int, loss, metrics: dict, run_
         raise LossNotFinite(
             f"[{stage.name}] loss became {loss.item()} at step {step + 1} (parts: {parts}); "
             f"the weights were not updated and the last checkpoint in {run_dir} is intact")
+    distributed.sum_gradients(model)  # every rank's share of the one loss: their sum is its gradient
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)
     if not torch.isfinite(grad_norm):
         raise LossNotFinite(

@@ -1,0 +1,179 @@
+"""Training across processes (meml/distributed.py) equals training in one, on 2 gloo processes.
+
+Every multi-process case runs under a timeout (the process group's and the join's), so a hang
+fails the test instead of blocking CI. One thread per process.
+"""
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+from test_riel import BY_ID, EXAMPLES, G, make_rollouts, tiny_model  # noqa: E402
+
+TIMEOUT_S = 120
+
+
+def run_ranks(worker, tmp_path, *args):
+    """worker(rank, tmp_path, *args) in 2 spawned processes joined by a file:// rendezvous."""
+    context = mp.get_context("spawn")
+    procs = [context.Process(target=_bootstrap, args=(worker, rank, str(tmp_path)) + args) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(TIMEOUT_S)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "a rank hung (killed after the timeout)"
+    assert [p.exitcode for p in procs] == [0, 0], "a rank failed"
+
+
+def _bootstrap(worker, rank, tmp, *args):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S // 2))
+    try:
+        worker(rank, tmp, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _world(tmp):
+    from meml import synthetic_assets
+    from meml.model import ModelConfig
+    from meml.riel import World
+    from meml.tokenizer import Tokenizer
+    folder = synthetic_assets.write_synthetic_assets(os.path.join(tmp, "assets"))
+    config = ModelConfig.from_json(folder / "config.json")
+    config.num_hidden_layers, config.hidden_size, config.intermediate_size = 2, 32, 64
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 4, 2, 8
+    world = World(Tokenizer.from_pretrained(folder), ["Expert zero.", "Expert one says more.", "Two"], "synthetic")
+    return tiny_model(config, 0), world, tiny_model(config, 1)
+
+
+# Question 0 (rank 0): experts disagree, E5 active; question 1 (rank 1): every expert always
+# right, so rank 1 has no policy row (β > 0 aside) and no E5 question, and its share of the SFT.
+REWARDS = torch.tensor([[[1, 1, 0], [1, 0, 0], [0, 0, 0]],
+                        [[1, 1, 1], [1, 1, 1], [1, 1, 1]]], dtype=torch.float)
+SFT_ITEMS = [("q0", 2), ("q1", 0), ("q1", 1)]
+# Both questions with E5 active (one on each rank): the active-question count must be global.
+BOTH_ACTIVE = torch.tensor([[[1, 1, 0], [1, 0, 0], [0, 0, 0]],
+                            [[0, 0, 0], [1, 0, 1], [0, 1, 0]]], dtype=torch.float)
+
+
+def _e7_step(model, world, ref, rows_of, rewards, items, aggregation):
+    """backward_e7 on the given questions' rollouts; returns the gradients."""
+    from meml.advantage import group_advantages
+    from meml.config import RielConfig
+    from meml.riel import Rollouts, backward_e7
+    ro = make_rollouts(world)
+    advantages = group_advantages(rewards, scale="group_std")[rows_of]  # computed on the whole step
+    keep = ro.rows[rows_of].flatten().tolist()
+    local = Rollouts(torch.arange(len(keep)).view(len(rows_of), 3, G), [ro.prompts[r] for r in keep],
+                     [ro.completions[r] for r in keep], [ro.old_logprobs[r] for r in keep], [True] * len(keep),
+                     [""] * len(keep), [torch.zeros(1)] * len(keep))
+    cfg = RielConfig(group_size=G, aggregation=aggregation, beta=0.1, lambda1=0.5, lambda2=2.0, micro_batch_size=4,
+                     max_new_tokens=14, loss="clipped")
+    model.zero_grad()
+    metrics, _ = backward_e7(model, world, local, rewards[rows_of], advantages, items, BY_ID, cfg, ref)
+    return metrics
+
+
+def _riel_gradients_worker(rank, tmp, aggregation, rewards):
+    from meml import distributed
+    model, world, ref = _world(tmp)
+    metrics = _e7_step(model, world, ref, [rank], rewards, SFT_ITEMS[rank::2], aggregation)
+    distributed.sum_gradients(model)
+    torch.save({"grads": {n: p.grad for n, p in model.named_parameters()}, "metrics": metrics},
+               os.path.join(tmp, f"rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("aggregation, rewards, active", [
+    ("token_mean", REWARDS, 1), ("seq_mean_token_mean", REWARDS, 1), ("dr_grpo", REWARDS, 1),
+    ("token_mean", BOTH_ACTIVE, 2)], ids=["token_mean", "seq_mean", "dr_grpo", "e5-on-both-ranks"])
+def test_riel_gradients_at_world_size_2_equal_world_size_1(tmp_path, aggregation, rewards, active):
+    run_ranks(_riel_gradients_worker, tmp_path, aggregation, rewards)
+    model, world, ref = _world(str(tmp_path))
+    single = _e7_step(model, world, ref, [0, 1], rewards, SFT_ITEMS, aggregation)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for name, p in model.named_parameters():
+            assert torch.allclose(got["grads"][name], p.grad, atol=1e-6, rtol=1e-4), (rank, name)
+        for key in ("loss/policy", "loss/ref_kl", "loss/inter_expert_kl", "loss/sft", "loss/total"):
+            assert got["metrics"][key] == pytest.approx(single[key], rel=1e-6, abs=1e-9), key
+        assert got["metrics"]["inter_expert/active_questions"] == single["inter_expert/active_questions"] == active
+
+
+def _buffer_worker(rank, tmp):
+    from meml import distributed
+    from meml.buffer import HardExampleBuffer
+    from meml.riel import fill_buffer
+    buffer = HardExampleBuffer(capacity=2, k=2, g=G, seed=2)
+    gathered = distributed.all_gather_tensor(1 - REWARDS[[rank]])  # mostly wrong: many insertions
+    popped, inserted = fill_buffer(buffer, EXAMPLES, gathered)
+    torch.save({"state": buffer.state_dict(), "popped": popped, "inserted": inserted}, os.path.join(tmp, f"buf{rank}.pt"))
+
+
+def test_the_buffer_is_the_same_on_every_rank_and_equals_one_process(tmp_path):
+    from meml.buffer import HardExampleBuffer
+    from meml.riel import fill_buffer
+    run_ranks(_buffer_worker, tmp_path)
+    buffer = HardExampleBuffer(capacity=2, k=2, g=G, seed=2)
+    popped, inserted = fill_buffer(buffer, EXAMPLES, 1 - REWARDS)
+    assert inserted > 0 and popped
+    for rank in range(2):
+        got = torch.load(tmp_path / f"buf{rank}.pt", weights_only=False)
+        assert got["popped"] == popped and got["inserted"] == inserted
+        assert got["state"]["items"] == buffer.state_dict()["items"]
+        assert torch.equal(got["state"]["generator_state"], buffer.state_dict()["generator_state"])
+
+
+def _train(tmp_path, name, nproc, extra):
+    args = ["--output", str(tmp_path / name), "--preset", "moe-sft", "--mef-steps", "3", "--mef-batch-size", "8",
+            "--train-size", "32", "--eval-size", "6", "--pass-k", "0", "--eval-max-new-tokens", "8",
+            "--save-every", "3", "--threads", "1"] + extra
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    env = dict(os.environ, OMP_NUM_THREADS="1", MEML_DIST_TIMEOUT_MIN="2")
+    done = subprocess.run(launcher + [str(REPO_ROOT / "train.py")] + args, cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return tmp_path / name
+
+
+def test_mef_and_evaluation_under_torchrun_equal_one_process(tmp_path):
+    """2 processes: each step's answers split, token counts and gradients summed; the end weights
+    equal one process's (summation order aside), metrics are logged once, the table is the same."""
+    from safetensors.torch import load_file
+    one, two = _train(tmp_path, "one", 1, []), _train(tmp_path, "two", 2, [])
+    a, b = load_file(str(one / "checkpoint-000003" / "model.safetensors")), \
+        load_file(str(two / "checkpoint-000003" / "model.safetensors"))
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=1e-5), name
+    lines = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    single = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss/nll"] for r in lines] == pytest.approx([r["loss/nll"] for r in single], rel=1e-5)
+    ra, rb = (json.loads((d / "results.json").read_text())["results"]["after MEF"] for d in (one, two))
+    for key in ("accuracy", "majority_vote", "oracle", "error_overlap", "samples", "num_questions"):
+        assert ra[key] == rb[key], key
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_an_error_naming_the_flag(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MEML_DIST_TIMEOUT_MIN="2")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(REPO_ROOT / "train.py"), "--output", str(tmp_path / "run"), "--preset", "moe-sft",
+                           "--mef-steps", "1", "--mef-batch-size", "7", "--train-size", "16", "--threads", "1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "train.py: --mef-batch-size: 7 do not split evenly over 2 processes" in done.stderr
+    assert "Traceback" not in done.stderr.split("train.py: --mef-batch-size")[0][-2000:]
