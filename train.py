@@ -12,6 +12,8 @@ On a real checkpoint and data set (Qwen2.5 or Llama 3.x in Hugging Face layout):
 
 `--preset` picks MEML-GRPO, a baseline or an ablation (meml/config.py lists them);
 `--resume RUN_DIR` continues a run from its newest checkpoint exactly where it stopped.
+Under `torchrun --nproc_per_node N train.py ...` each process takes its share of every step
+(meml/distributed.py says what crosses processes); rank 0 prints and writes the run's files.
 Every method option is defined once, in meml/config.py; README.md "Decisions" lists the
 choices the paper leaves open and the flag that flips each.
 """

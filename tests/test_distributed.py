@@ -177,3 +177,59 @@ def test_a_batch_that_does_not_split_over_the_processes_is_an_error_naming_the_f
     assert done.returncode != 0
     assert "train.py: --mef-batch-size: 7 do not split evenly over 2 processes" in done.stderr
     assert "Traceback" not in done.stderr.split("train.py: --mef-batch-size")[0][-2000:]
+
+
+def _launch(tmp_path, nproc, args, **kwargs):
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    env = dict(os.environ, OMP_NUM_THREADS="1", MEML_DIST_TIMEOUT_MIN="2")
+    return launcher + [str(REPO_ROOT / "train.py")] + args, env
+
+
+RIEL_ARGS = ["--mef-steps", "2", "--riel-steps", "4", "--save-every", "1", "--train-size", "16", "--eval-size", "2",
+             "--pass-k", "0", "--max-new-tokens", "8", "--eval-max-new-tokens", "8", "--questions-per-step", "2",
+             "--group-size", "4", "--buffer-k", "2", "--buffer-capacity", "3", "--mef-batch-size", "8",
+             "--threads", "1"]
+
+
+def test_a_killed_2_process_run_resumes_exactly_and_checkpoints_resume_at_another_world_size(tmp_path):
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    cmd, env = _launch(tmp_path, 2, ["--output", str(whole)] + RIEL_ARGS)
+    assert subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, timeout=300).returncode == 0
+    cmd, env = _launch(tmp_path, 2, ["--output", str(killed)] + RIEL_ARGS)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    target, deadline = killed / "checkpoint-000004", time.time() + 300
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks at once
+    proc.wait()
+    assert target.exists() and not (killed / "results.json").exists(), "not killed mid-RIEL"
+    cmd, env = _launch(tmp_path, 2, ["--resume", str(killed)])
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = load_file(str(whole / "checkpoint-000006" / "model.safetensors")), \
+        load_file(str(killed / "checkpoint-000006" / "model.safetensors"))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    steps = [(r["stage"], r["step"]) for r in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines())]
+    assert steps == [("mef", 1), ("mef", 2)] + [("riel", s) for s in range(1, 5)]  # logged once each
+
+    # The uninterrupted 2-process run, resumed from its RIEL step 3 in one process: it finishes,
+    # with one metrics line per step.
+    subprocess.run(["rm", "-rf", str(whole / "checkpoint-000006"), str(whole / "results.json")], check=True)
+    cmd, env = _launch(tmp_path, 1, ["--resume", str(whole)])
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [(r["stage"], r["step"]) for r in map(json.loads, (whole / "metrics.jsonl").read_text().splitlines())]
+    assert steps == [("mef", 1), ("mef", 2)] + [("riel", s) for s in range(1, 5)]
+    assert (whole / "checkpoint-000006" / "model.safetensors").exists()
+    # ... and its last step, written by one process, resumed again in two.
+    subprocess.run(["rm", "-rf", str(whole / "checkpoint-000006"), str(whole / "results.json")], check=True)
+    cmd, env = _launch(tmp_path, 2, ["--resume", str(whole)])
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((whole / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4

@@ -410,3 +410,19 @@ def test_pi_old_is_recomputed_by_default_unless_compute_is_fp32():
     assert train.riel_settings(cfg, bf16).recompute_old_logprobs
     forced = train.make_config("meml-grpo", synthetic=True, overrides={"riel.recompute_old_logprobs": False})
     assert train.riel_settings(forced, bf16).recompute_old_logprobs is False
+
+
+def test_expert_data_naming_an_unknown_question_says_what_the_ids_are(tmp_path, capsys):
+    """The message once taught `<dataset>-<stem>-<n>`, which StrategyQA ids are not (they are the
+    records' qids): it now names the id of the data file's first question."""
+    folder = _model_folder(tmp_path)
+    data = tmp_path / "strategyqa.json"
+    data.write_text(json.dumps([{"qid": f"abc{n}", "question": f"Is {n} even?", "answer": n % 2 == 0,
+                                 "facts": [f"{n} is {'even' if n % 2 == 0 else 'odd'}."]} for n in range(6)]))
+    expert = tmp_path / "expert1.jsonl"
+    expert.write_text(json.dumps({"id": "strategyqa-strategyqa-1", "expert": 1, "response": "yes"}) + "\n")
+    args = ["--model", str(folder), "--dataset", "strategyqa", "--data", str(data), "--expert-data", str(expert),
+            "--output", str(tmp_path / "run"), "--eval-size", "2"]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{expert}: 1 answers name questions that are not in {data}" in err and "'abc0' for its first" in err
