@@ -10,15 +10,18 @@ A checkpoint written by train.py carries its run's data set, expert prompts and 
 questions (meml_run.json): by default it is scored on exactly those, as train.py scored it.
 `--data` with another file, `--system-prompts` or `--dataset` override them; `--data` naming the
 run's own training file still scores only its held-out questions, never the ones it trained on.
+Under `torchrun --nproc_per_node N evaluate.py ...` each process answers a share of the questions
+and rank 0 prints the table of all of them (the greedy figures are one process's).
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 
-from meml import synthetic
+from meml import distributed, synthetic
 from meml.checkpoint import read_run_info
 from meml.data import LOADERS
 from meml.errors import InputError
@@ -68,6 +71,11 @@ def questions(args, info: dict | None, dataset: str, seed: int) -> tuple[list, s
 
 def run(argv=None) -> int:
     args = parse_args(argv)
+    distributed.init(torch.device(args.device).type)  # under torchrun: each process takes a share of the questions
+    if not distributed.is_main():  # rank 0 alone prints and writes
+        sys.stdout = open(os.devnull, "w")
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" and \
+        distributed.world_size() > 1 else args.device
     info = read_run_info(args.model)
     dataset = args.dataset or (info["dataset"] if info else None)
     if dataset is None:
@@ -82,12 +90,12 @@ def run(argv=None) -> int:
         prompts = list(synthetic.EXPERT_PROMPTS if dataset == "synthetic" else EXPERT_SYSTEM_PROMPTS)
     limit = args.limit if args.limit is not None else (len(examples) if info else 200)
     max_new_tokens = args.max_new_tokens or (info["eval_max_new_tokens"] if info else 256)
-    model, tokenizer = load(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    model, tokenizer = load(args.model, device=device, dtype=getattr(torch, args.dtype))
     r = evaluate_experts(model, tokenizer, examples[:limit], prompts, dataset, max_new_tokens=max_new_tokens,
                          batch_size=args.batch_size, pass_k=args.pass_k, seed=seed)
     print(f"{r['num_questions']} questions ({source}), {len(prompts)} expert prompts")
     print(format_results({"greedy": r}))
-    if args.json:
+    if args.json and distributed.is_main():
         args.json.write_text(json.dumps(r, indent=1))
         print(f"wrote {args.json}")
     return 0
@@ -100,6 +108,8 @@ def main(argv=None) -> int:
     except (InputError, OSError) as err:
         print(f"evaluate.py: {err}", file=sys.stderr)
         return 2
+    finally:
+        distributed.finish()
 
 
 if __name__ == "__main__":

@@ -431,6 +431,8 @@ def main(argv=None) -> int:
     except LossNotFinite as err:
         print(f"train.py: {err}", file=sys.stderr)
         return 1
+    finally:
+        distributed.finish()
 
 
 if __name__ == "__main__":

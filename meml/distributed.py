@@ -38,6 +38,13 @@ def init(device_type: str) -> None:
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=TIMEOUT)
 
 
+def finish() -> None:
+    """Leave the process group at the end of a run, on every rank: a process that exits with
+    the group still alive can abort in its C++ destructors ("terminate called ...")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 

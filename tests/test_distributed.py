@@ -166,6 +166,17 @@ def test_mef_and_evaluation_under_torchrun_equal_one_process(tmp_path):
     ra, rb = (json.loads((d / "results.json").read_text())["results"]["after MEF"] for d in (one, two))
     for key in ("accuracy", "majority_vote", "oracle", "error_overlap", "samples", "num_questions"):
         assert ra[key] == rb[key], key
+    # evaluate.py under torchrun scores the same questions the same way
+    env = dict(os.environ, OMP_NUM_THREADS="1", MEML_DIST_TIMEOUT_MIN="2")
+    for nproc, out in ((2, tmp_path / "eval2.json"), (1, tmp_path / "eval1.json")):
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                    if nproc > 1 else [sys.executable])
+        done = subprocess.run(launcher + [str(REPO_ROOT / "evaluate.py"), "--model", str(one / "checkpoint-000003"),
+                                          "--pass-k", "0", "--json", str(out)],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    e1, e2 = (json.loads((tmp_path / f"eval{n}.json").read_text()) for n in (1, 2))
+    assert e1 == e2 and e1["accuracy"] == ra["accuracy"]
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_an_error_naming_the_flag(tmp_path):
