@@ -102,14 +102,14 @@ def run(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    """`run`, with a user's mistake printed as one line and exit status 2."""
+    """`run`, with a user's mistake printed as one line and exit status 2. Under torchrun the
+    process ends here (`distributed.finish`)."""
     try:
-        return run(argv)
+        code = run(argv)
     except (InputError, OSError) as err:
         print(f"evaluate.py: {err}", file=sys.stderr)
-        return 2
-    finally:
-        distributed.finish()
+        code = 2
+    return distributed.finish(code)
 
 
 if __name__ == "__main__":

@@ -422,17 +422,17 @@ def run(argv=None) -> int:
 
 def main(argv=None) -> int:
     """`run`, with a user's mistake printed as one line (exit 2) and a non-finite loss as exit 1;
-    anything else is a bug and keeps its traceback."""
+    anything else is a bug and keeps its traceback. Under torchrun the process ends here
+    (`distributed.finish`)."""
     try:
-        return run(argv)
+        code = run(argv)
     except (InputError, OSError) as err:
         print(f"train.py: {err}", file=sys.stderr)
-        return 2
+        code = 2
     except LossNotFinite as err:
         print(f"train.py: {err}", file=sys.stderr)
-        return 1
-    finally:
-        distributed.finish()
+        code = 1
+    return distributed.finish(code)
 
 
 if __name__ == "__main__":
