@@ -15,7 +15,6 @@ and rank 0 prints the table of all of them (the greedy figures are one process's
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -71,11 +70,7 @@ def questions(args, info: dict | None, dataset: str, seed: int) -> tuple[list, s
 
 def run(argv=None) -> int:
     args = parse_args(argv)
-    distributed.init(torch.device(args.device).type)  # under torchrun: each process takes a share of the questions
-    if not distributed.is_main():  # rank 0 alone prints and writes
-        sys.stdout = open(os.devnull, "w")
-    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" and \
-        distributed.world_size() > 1 else args.device
+    device = distributed.init(args.device)  # under torchrun: a share of the questions per process
     info = read_run_info(args.model)
     dataset = args.dataset or (info["dataset"] if info else None)
     if dataset is None:

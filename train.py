@@ -20,7 +20,6 @@ choices the paper leaves open and the flag that flips each.
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -363,12 +362,8 @@ def run(argv=None) -> int:
             raise InputError(f"{saved} not found: --resume takes the run folder of an earlier train.py run")
         args = parse_args(json.loads(saved.read_text()) + ["--resume", str(args.resume)])
     cfg = make_config(args.preset, synthetic=args.model is None, overrides=overrides_from(args))
-    device, precision = torch.device(args.device), precision_of(args)
-    distributed.init(device.type)  # under torchrun: join the other processes (meml/distributed.py)
-    if not distributed.is_main():  # every rank trains; rank 0 alone prints and writes the run's files
-        sys.stdout = open(os.devnull, "w")
-    if device.type == "cuda" and distributed.world_size() > 1:
-        device = torch.device("cuda", torch.cuda.current_device())
+    precision = precision_of(args)
+    device = distributed.init(args.device)  # under torchrun: join the others; rank 0 alone prints and writes
     if not args.resume and distributed.is_main():
         args.output.mkdir(parents=True, exist_ok=True)
         (args.output / "args.json").write_text(json.dumps(sys.argv[1:] if argv is None else list(argv)))

@@ -29,14 +29,20 @@ from meml.errors import InputError
 TIMEOUT = datetime.timedelta(minutes=float(os.environ.get("MEML_DIST_TIMEOUT_MIN", "30")))
 
 
-def init(device_type: str) -> None:
+def init(device: str) -> torch.device:
     """Join the process group torchrun describes (nothing for a world of one): NCCL on CUDA,
-    gloo on CPU; on CUDA, this rank uses device LOCAL_RANK."""
+    gloo on CPU. Returns the device this rank uses (on CUDA, device LOCAL_RANK). Every rank
+    computes; only rank 0 prints, so the other ranks' standard output is dropped."""
+    device = torch.device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
-        return
-    if device_type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=TIMEOUT)
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")
+    return device
 
 
 def finish(exit_code: int) -> int:

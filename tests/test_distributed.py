@@ -137,15 +137,20 @@ def test_the_buffer_is_the_same_on_every_rank_and_equals_one_process(tmp_path):
         assert torch.equal(got["state"]["generator_state"], buffer.state_dict()["generator_state"])
 
 
+def _launch(tmp_path, nproc, args, script="train.py"):
+    """(command, environment) running `script` in nproc processes (torchrun) or in this Python."""
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    env = dict(os.environ, OMP_NUM_THREADS="1", MEML_DIST_TIMEOUT_MIN="2")
+    return launcher + [str(REPO_ROOT / script)] + args, env
+
+
 def _train(tmp_path, name, nproc, extra):
     args = ["--output", str(tmp_path / name), "--preset", "moe-sft", "--mef-steps", "3", "--mef-batch-size", "8",
             "--train-size", "32", "--eval-size", "6", "--pass-k", "0", "--eval-max-new-tokens", "8",
             "--save-every", "3", "--threads", "1"] + extra
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                if nproc > 1 else [sys.executable])
-    env = dict(os.environ, OMP_NUM_THREADS="1", MEML_DIST_TIMEOUT_MIN="2")
-    done = subprocess.run(launcher + [str(REPO_ROOT / "train.py")] + args, cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    cmd, env = _launch(tmp_path, nproc, args)
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return tmp_path / name
 
@@ -167,34 +172,22 @@ def test_mef_and_evaluation_under_torchrun_equal_one_process(tmp_path):
     for key in ("accuracy", "majority_vote", "oracle", "error_overlap", "samples", "num_questions"):
         assert ra[key] == rb[key], key
     # evaluate.py under torchrun scores the same questions the same way
-    env = dict(os.environ, OMP_NUM_THREADS="1", MEML_DIST_TIMEOUT_MIN="2")
     for nproc, out in ((2, tmp_path / "eval2.json"), (1, tmp_path / "eval1.json")):
-        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                    if nproc > 1 else [sys.executable])
-        done = subprocess.run(launcher + [str(REPO_ROOT / "evaluate.py"), "--model", str(one / "checkpoint-000003"),
-                                          "--pass-k", "0", "--json", str(out)],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        cmd, env = _launch(tmp_path, nproc, ["--model", str(one / "checkpoint-000003"), "--pass-k", "0",
+                                             "--json", str(out)], script="evaluate.py")
+        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
     e1, e2 = (json.loads((tmp_path / f"eval{n}.json").read_text()) for n in (1, 2))
     assert e1 == e2 and e1["accuracy"] == ra["accuracy"]
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_an_error_naming_the_flag(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", MEML_DIST_TIMEOUT_MIN="2")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(REPO_ROOT / "train.py"), "--output", str(tmp_path / "run"), "--preset", "moe-sft",
-                           "--mef-steps", "1", "--mef-batch-size", "7", "--train-size", "16", "--threads", "1"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    cmd, env = _launch(tmp_path, 2, ["--output", str(tmp_path / "run"), "--preset", "moe-sft", "--mef-steps", "1",
+                                     "--mef-batch-size", "7", "--train-size", "16", "--threads", "1"])
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "train.py: --mef-batch-size: 7 do not split evenly over 2 processes" in done.stderr
     assert "Traceback" not in done.stderr.split("train.py: --mef-batch-size")[0][-2000:]
-
-
-def _launch(tmp_path, nproc, args, **kwargs):
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                if nproc > 1 else [sys.executable])
-    env = dict(os.environ, OMP_NUM_THREADS="1", MEML_DIST_TIMEOUT_MIN="2")
-    return launcher + [str(REPO_ROOT / "train.py")] + args, env
 
 
 RIEL_ARGS = ["--mef-steps", "2", "--riel-steps", "4", "--save-every", "1", "--train-size", "16", "--eval-size", "2",
