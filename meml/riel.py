@@ -274,9 +274,9 @@ def backward_e7(model, world: World, ro: Rollouts, rewards, advantages, sft_item
             for name, value in share.items():
                 values[name] += value.item()
     # every rank holds its share of each part and statistic: their sums are the step's
-    names = list(values) + ["clip_ratio", "clip_tokens", "gap_sum", "gap_tokens"]
-    summed = distributed.all_reduce_sum([values[k] for k in values] + [stats[k] for k in names[4:]])
-    values, stats = dict(zip(values, summed[:4].tolist())), {**stats, **dict(zip(names[4:], summed[4:].tolist()))}
+    sums = {**values, **{k: stats[k] for k in ("clip_ratio", "clip_tokens", "gap_sum", "gap_tokens")}}
+    sums = dict(zip(sums, distributed.all_reduce_sum(list(sums.values())).tolist()))  # one all-reduce
+    values, stats = {k: sums[k] for k in values}, {**stats, **sums}
     e7 = total_loss(*(torch.tensor(values[k]) for k in ("policy", "inter_expert_kl", "sft", "reference_kl")),
                     lambda1=cfg.lambda1, lambda2=cfg.lambda2, beta=cfg.beta).item()
     metrics = {"loss/policy": values["policy"], "loss/ref_kl": values["reference_kl"],
