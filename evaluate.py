@@ -53,7 +53,7 @@ def questions(args, info: dict | None, dataset: str, seed: int) -> tuple[list, s
     """The questions to score and a line saying where they come from."""
     run_eval = info is not None and info["dataset"] == dataset
     if dataset == "synthetic":
-        pool = synthetic.load_synthetic(seed=seed)[1]
+        pool = synthetic.load_synthetic(n_eval=info.get("eval_pool", 300) if run_eval else 300, seed=seed)[1]
         if run_eval:
             by_id = {ex.id: ex for ex in pool}
             return [by_id[i] for i in info["eval_ids"] if i in by_id], "the run's held-out synthetic questions"
@@ -87,7 +87,8 @@ def run(argv=None) -> int:
     max_new_tokens = args.max_new_tokens or (info["eval_max_new_tokens"] if info else 256)
     model, tokenizer = load(args.model, device=device, dtype=getattr(torch, args.dtype))
     r = evaluate_experts(model, tokenizer, examples[:limit], prompts, dataset, max_new_tokens=max_new_tokens,
-                         batch_size=args.batch_size, pass_k=args.pass_k, seed=seed)
+                         batch_size=args.batch_size, pass_k=args.pass_k, seed=seed,
+                         difficulty=synthetic.difficulty_of if dataset == "synthetic" else None)
     print(f"{r['num_questions']} questions ({source}), {len(prompts)} expert prompts")
     print(format_results({"greedy": r}))
     if args.json and distributed.is_main():

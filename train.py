@@ -20,6 +20,7 @@ choices the paper leaves open and the flag that flips each.
 import argparse
 import json
 import math
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -33,7 +34,7 @@ from meml.checkpoint import RUN_INFO, TRAINER_STATE, latest_checkpoint, load_tra
 from meml.config import PRESETS, TrainConfig, add_option_flags, make_config, overrides_from
 from meml.data import Example, ExpertAnswer
 from meml.errors import InputError
-from meml.evaluation import evaluate_experts, format_results
+from meml.evaluation import best_expert, evaluate_experts, format_results
 from meml.hf_checkpoint import write_json
 from meml.inference import load
 from meml.mef import generate_expert_data, mef_items, sft_loss, verified_answers
@@ -62,6 +63,10 @@ def parse_args(argv=None):
     g = p.add_argument_group("run")
     g.add_argument("--output", type=Path, default=Path("runs/default"), help="run folder (checkpoints, logs)")
     g.add_argument("--resume", type=Path, help="run folder to continue from (with its own arguments)")
+    g.add_argument("--init-from", type=Path,
+                   help="start from the weights of another run's checkpoint (a checkpoint folder, or a run "
+                        "folder: its newest checkpoint) instead of stage 1: MEF is skipped and RIEL starts "
+                        "there, e.g. several RIEL methods from one MEF run. Same tokenizer required")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the model lives (default: cuda when available)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -88,6 +93,7 @@ class Task:
     dataset: str                    # verifier name (meml.rewards)
     train: list[Example]
     evals: list[Example]
+    devs: list[Example]             # dev questions (--dev-size): choose the best expert on these
     eval_source: str                # the file the held-out questions come from ("synthetic" for the world)
     answers: list[ExpertAnswer]     # verified reference answers of every expert (D1)
     dropped: dict[int, int]         # expert -> answers dropped as wrong
@@ -127,8 +133,10 @@ def build_task(args, cfg: TrainConfig, run_dir: Path, device, precision: Precisi
     """The model, tokenizer, questions and expert answers of this run."""
     if args.model is None:  # the built-in synthetic world: assets written once into the run folder
         model_dir = synthetic_assets.write_synthetic_assets(run_dir / "synthetic", seed=cfg.seed)
-        train, evals, answers = synthetic.load_synthetic(seed=cfg.seed)
-        evals, eval_source = evals[:cfg.eval_size], "synthetic"
+        pool_size = synthetic_eval_pool(cfg)
+        train, pool, answers = synthetic.load_synthetic(n_eval=pool_size, seed=cfg.seed)
+        evals, eval_source = pool[:cfg.eval_size], "synthetic"
+        devs = pool[cfg.eval_size:cfg.eval_size + cfg.dev_size]
         prompts, dataset = list(synthetic.EXPERT_PROMPTS), "synthetic"
         torch.manual_seed(cfg.seed)
         model = Transformer(ModelConfig.from_json(model_dir / "config.json"))
@@ -149,6 +157,10 @@ def build_task(args, cfg: TrainConfig, run_dir: Path, device, precision: Precisi
             eval_source = args.data
         if not train:
             raise InputError(f"{args.data} holds no questions")
+        devs = train[len(train) - cfg.dev_size:] if cfg.dev_size else []  # just before the held-out ones
+        train = train[:len(train) - len(devs)]
+        if not train:
+            raise InputError(f"--dev-size {cfg.dev_size} leaves no question of {args.data} to train on")
         prompts = read_system_prompts(args.system_prompts) if args.system_prompts else list(EXPERT_SYSTEM_PROMPTS)
         answers = [ExpertAnswer(ex.id, 0, ex.solution) for ex in train]  # Expert0: the gold solutions
         known = {ex.id for ex in examples}
@@ -171,8 +183,15 @@ def build_task(args, cfg: TrainConfig, run_dir: Path, device, precision: Precisi
     experts = [cfg.expert] if cfg.single_expert else list(range(len(prompts)))
     if max(experts) >= len(prompts):
         raise InputError(f"--expert {cfg.expert}: there are only {len(prompts)} expert prompts")
-    return Task(model_dir, model, tokenizer, dataset, train, evals, str(eval_source), answers, dropped,
+    return Task(model_dir, model, tokenizer, dataset, train, evals, devs, str(eval_source), answers, dropped,
                 [prompts[i] for i in experts], experts)
+
+
+def synthetic_eval_pool(cfg: TrainConfig) -> int:
+    """How many of the synthetic world's eval-split problems a run draws: the held-out and dev
+    questions are its first ones (300 at least, so a smaller --eval-size takes a prefix of the
+    same 300)."""
+    return max(300, cfg.eval_size + cfg.dev_size)
 
 
 def teacher_answers(args, cfg, run_dir, train, prompts, dataset, device, dtype) -> list[ExpertAnswer]:
@@ -205,8 +224,31 @@ def write_run_info(run_dir: Path, task: Task, cfg: TrainConfig) -> None:
         return
     info = {"dataset": task.dataset, "seed": cfg.seed, "system_prompts": task.system_prompts,
             "eval_source": task.eval_source, "eval_ids": [ex.id for ex in task.evals],
-            "eval_max_new_tokens": cfg.eval_max_new_tokens}
+            "dev_ids": [ex.id for ex in task.devs], "eval_max_new_tokens": cfg.eval_max_new_tokens,
+            "commit": git_commit()}
+    if task.dataset == "synthetic":
+        info["eval_pool"] = synthetic_eval_pool(cfg)
     write_json(run_dir / RUN_INFO, info)  # atomically
+
+
+def init_weights(task: Task, source: Path, device, precision: Precision) -> None:
+    """--init-from: the weights of another run's checkpoint (its newest, given a run folder).
+    Its tokenizer must be this run's: ids mean the same tokens (a synthetic world's tokenizer
+    depends on its seed)."""
+    checkpoint = source if (source / "config.json").exists() else latest_checkpoint(source)
+    if checkpoint is None:
+        raise InputError(f"--init-from {source}: no checkpoint there (a checkpoint folder or a run folder)")
+    theirs = Tokenizer.from_pretrained(checkpoint)
+    if theirs.vocab_size != task.tokenizer.vocab_size or any(
+            theirs.encode(t) != task.tokenizer.encode(t) for t in (task.train[0].question, task.train[0].solution)):
+        raise InputError(f"--init-from {checkpoint}: its tokenizer is not this run's (for the synthetic world: "
+                         "another --seed)")
+    weights = Transformer.from_pretrained(checkpoint, dtype=precision.weights, device=device).state_dict()
+    try:
+        task.model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise InputError(f"--init-from {checkpoint}: its weights do not fit this run's model ({str(err)[:200]})")
+    print(f"RIEL starts from {checkpoint}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,13 +269,64 @@ def resume_stage(state: dict | None, stage: Stage, optimizer, checkpoint: Path |
     return step
 
 
-def evaluate(task: Task, cfg: TrainConfig, precision: Precision) -> dict | None:
-    """E8 on the held-out questions (None when there are none: --eval-size 0)."""
-    if not task.evals:
+def git_commit() -> str | None:
+    """The commit of this code (with "+changes" when the work tree differs), or None outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
         return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
+def evaluate(task: Task, cfg: TrainConfig, precision: Precision, examples: list | None = None,
+             full: bool = True) -> dict | None:
+    """E8 on the held-out questions (None when there are none: --eval-size 0). With dev
+    questions (--dev-size), also the best expert on them and its held-out accuracy. full=False:
+    greedy figures only (the learning curve's points)."""
+    examples = task.evals if examples is None else examples
+    if not examples:
+        return None
+    difficulty = synthetic.difficulty_of if task.dataset == "synthetic" else None
+    score = lambda questions, pass_k: evaluate_experts(  # noqa: E731
+        task.model, task.tokenizer, questions, task.system_prompts, task.dataset,
+        max_new_tokens=cfg.eval_max_new_tokens, pass_k=pass_k, seed=cfg.seed, difficulty=difficulty)
+    training = task.model.training
     with mixed_precision(task.model.output_weight.device.type, precision.compute):
-        return evaluate_experts(task.model, task.tokenizer, task.evals, task.system_prompts, task.dataset,
-                                max_new_tokens=cfg.eval_max_new_tokens, pass_k=cfg.pass_k, seed=cfg.seed)
+        result = score(examples, cfg.pass_k if full else 0)
+        if full and task.devs:
+            dev = score(task.devs, 0)
+            chosen = best_expert(dev["accuracy"])
+            result["dev_choice"] = {"num_questions": dev["num_questions"], "dev_accuracy": dev["accuracy"],
+                                    "expert": chosen, "accuracy": result["accuracy"][chosen]}
+    task.model.train(training)
+    return result
+
+
+def curve_probe(task: Task, cfg: TrainConfig, precision: Precision, total_steps: int):
+    """--eval-every N: a function the RIEL loop calls after each step (and before the first); at
+    every N-th step it returns the greedy accuracy on the first --curve-size held-out questions
+    as metrics ("eval/..."). Greedy decoding draws no random numbers, so the run's trajectory is
+    the one it has without the curve."""
+    if not cfg.eval_every or not task.evals:
+        return None
+    subset = task.evals[:cfg.curve_size]
+
+    def probe(step: int) -> dict:
+        if step % cfg.eval_every and step != total_steps:
+            return {}
+        r = evaluate(task, cfg, precision, subset, full=False)
+        out = {f"eval/expert_{i}/accuracy": a for i, a in enumerate(r["accuracy"])}
+        out.update({"eval/majority_vote": r["majority_vote"], "eval/oracle": r["oracle"],
+                    "eval/confidence_choice": r["confidence_choice"], "eval/num_questions": r["num_questions"]})
+        for level, table in r.get("by_difficulty", {}).items():
+            out.update({f"eval/d{level}/expert_{i}/accuracy": a for i, a in enumerate(table["accuracy"])})
+        return out
+    return probe
 
 
 def mef_steps_of(task: Task, cfg: TrainConfig) -> int:
@@ -314,7 +407,8 @@ def run_riel(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, ch
     steps_per_epoch = max(1, len(task.train) // r.questions_per_step)
     run_stage(stage, task.model, optimizer, riel_step_at, run_dir=run_dir, tokenizer_dir=task.model_dir,
               start_step=start, carry=carry, sample_every=cfg.sample_every,
-              log_every=max(1, min(steps_per_epoch, steps) // 20))
+              log_every=max(1, min(steps_per_epoch, steps) // 20),
+              probe=curve_probe(task, cfg, precision, steps))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,7 +433,7 @@ def summarise_riel(metrics_path: Path, num_experts: int) -> dict | None:
     if not metrics_path.exists():
         return None
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    rows = [r for r in rows if r.get("stage") == "riel"]
+    rows = [r for r in rows if r.get("stage") == "riel" and "reward" in r]  # not the curve's step-0 line
     if not rows:
         return None
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
@@ -362,6 +456,10 @@ def run(argv=None) -> int:
             raise InputError(f"{saved} not found: --resume takes the run folder of an earlier train.py run")
         args = parse_args(json.loads(saved.read_text()) + ["--resume", str(args.resume)])
     cfg = make_config(args.preset, synthetic=args.model is None, overrides=overrides_from(args))
+    if args.init_from is not None:
+        if not cfg.run_riel:
+            raise InputError(f"--init-from skips MEF, and --preset {cfg.preset} has no RIEL stage: nothing to run")
+        cfg = replace(cfg, run_mef=False)
     precision = precision_of(args)
     device = distributed.init(args.device)  # under torchrun: join the others; rank 0 alone prints and writes
     if not args.resume and distributed.is_main():
@@ -389,8 +487,13 @@ def run(argv=None) -> int:
         weights = state.get("master_weights") or \
             Transformer.from_pretrained(checkpoint, dtype=precision.weights, device=device).state_dict()
         task.model.load_state_dict(weights)
+    elif args.init_from is not None:
+        init_weights(task, args.init_from, device, precision)
     resumed_in_riel = checkpoint is not None and state["stage"] == "riel"
     results = {"after MEF": None, "after RIEL": None}
+    if args.init_from is not None:  # the start, evaluated like MEF's end would be
+        results = {"before RIEL": state["carry"]["before RIEL"] if resumed_in_riel else evaluate(task, cfg, precision),
+                   "after RIEL": None}
     # 3. Stage 1, MEF (E1).
     mef_steps = mef_steps_of(task, cfg) if cfg.run_mef else 0
     if cfg.run_mef:
@@ -399,8 +502,8 @@ def run(argv=None) -> int:
         results["after MEF"] = state["carry"]["after MEF"] if resumed_in_riel else evaluate(task, cfg, precision)
     # 4. Stage 2, RIEL (E2-E7).
     if cfg.run_riel:
-        run_riel(task, cfg, run_dir, state, checkpoint, mef_steps, {"after MEF": results["after MEF"]}, device,
-                 precision)
+        carry = {k: v for k, v in results.items() if k != "after RIEL"}  # kept in checkpoints for --resume
+        run_riel(task, cfg, run_dir, state, checkpoint, mef_steps, carry, device, precision)
         results["after RIEL"] = evaluate(task, cfg, precision)
     # 5. Report (E8).
     if not cfg.run_mef and not cfg.run_riel:

@@ -80,8 +80,10 @@ class RielConfig:
     kl_estimator: str = option("k3", "E4's per-token estimator", choices=ESTIMATORS)
     # E5
     lambda1: float = option(0.1, "weight of the inter-expert KL, E5 (0: off) [D9]", at_least=0)
-    inter_expert_variant: str = option("sequence", "E5: one-sample sequence estimate or exact per-token "
-                                       "KL over the vocabulary [D8]", choices=INTER_EXPERT_VARIANTS)
+    inter_expert_variant: str = option("sequence", "E5: one-sample estimate summed over O+'s tokens (sequence), "
+                                       "the same divided by |O+| (token_mean), or the exact per-token KL over "
+                                       "the vocabulary summed over O+ (full_vocab) [D8]",
+                                       choices=INTER_EXPERT_VARIANTS)
     # E6
     hard_example_buffer: bool = option(True, "the hard-example buffer, E6")
     buffer_k: int = option(6, "K: a group with more than K of G wrong may enter the buffer [D10]", at_least=0)
@@ -128,6 +130,11 @@ class TrainConfig:
     eval_size: int = option(200, "held-out questions to evaluate on", at_least=0, section="evaluation (E8)")
     eval_max_new_tokens: int = option(256, "completion length limit when evaluating", at_least=1)
     pass_k: int = option(4, "samples per question for pass@k (0: skip)", at_least=0)
+    dev_size: int = option(0, "dev questions (held out, apart from the --eval-size ones) on which the one "
+                           "best expert is chosen without looking at the eval questions (0: skip)", at_least=0)
+    eval_every: int = option(0, "learning curve: evaluate every N RIEL steps, greedy, on the first "
+                             "--curve-size held-out questions, logged in metrics.jsonl (0: off)", at_least=0)
+    curve_size: int = option(150, "held-out questions of each learning-curve point", at_least=1)
     # memory, both stages
     activation_checkpointing: bool = option(False, "recompute each decoder layer in the backward instead of "
                                             "keeping its activations (less memory, ~1/3 more compute)",

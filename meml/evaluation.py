@@ -10,11 +10,17 @@ per-question correctness and extracted answers, so they can be checked by hand:
 - error overlap: for every subset S of experts, how many questions every expert in S gets wrong,
   and how many questions exactly S (and no other expert) gets wrong.
 
+Choosing an expert without labels (the paper leaves open how to pick an expert at inference):
+- confidence: per question, the expert whose greedy answer has the highest mean token
+  log-probability (ties go to the lowest index);
+- dev choice: the one expert with the best accuracy on a separate dev split (`best_expert`).
+
 pass@k uses the unbiased estimator of Chen et al. (2021), 1 - C(n-c, k) / C(n, k), for n samples
 of which c are correct.
 """
 from collections import Counter
 from itertools import combinations
+import math
 from math import comb
 
 import torch
@@ -54,6 +60,19 @@ def oracle_accuracy(correct: list[list[bool]]) -> float:
     return accuracy([any(row) for row in correct])
 
 
+def confidence_choice(correct: list[list[bool]], confidence: list[list[float]]) -> float:
+    """Accuracy when each question is answered by the expert whose greedy answer the model is
+    most confident in: confidence[q][i] = mean token log-prob of expert i's answer to question q.
+    Ties go to the lowest-index expert."""
+    chosen = [max(range(len(c)), key=lambda i: (c[i], -i)) for c in confidence]
+    return accuracy([row[i] for row, i in zip(correct, chosen)])
+
+
+def best_expert(accuracies: list[float]) -> int:
+    """The expert with the highest accuracy (ties: the lowest index), e.g. on a dev split."""
+    return max(range(len(accuracies)), key=lambda i: (accuracies[i], -i))
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct (Chen et al., 2021)."""
     if not 0 <= c <= n or not 1 <= k <= n:
@@ -91,8 +110,18 @@ def format_results(results: dict[str, dict]) -> str:
     for name, r in rows:
         lines.append(f"{name:<24}" + "".join(f"{a:>10.1%}" for a in r["accuracy"])
                      + f"{r['majority_vote']:>10.1%}{r['oracle']:>10.1%}")
+        for level, t in r.get("by_difficulty", {}).items():
+            label = f"  difficulty {level} ({t['num_questions']})"
+            lines.append(f"{label:<24}"
+                         + "".join(f"{a:>10.1%}" for a in t["accuracy"])
+                         + f"{t['majority_vote']:>10.1%}{t['oracle']:>10.1%}")
         for key in [k for k in r if k.startswith("pass@")]:
             lines.append(f"{'  ' + key + ' (T=1)':<24}" + "".join(f"{a:>10.1%}" for a in r[key]))
+        choice = f"  without labels: most confident expert per question {r['confidence_choice']:.1%}"
+        if "dev_choice" in r:
+            d = r["dev_choice"]
+            choice += f"; best on {d['num_questions']} dev questions, expert {d['expert']}: {d['accuracy']:.1%}"
+        lines.append(choice)
     name, last = rows[-1]
     lines.append(f"\nerror overlap ({name}, {last['num_questions']} questions): "
                  "subset -> all wrong / exactly these wrong")
@@ -103,9 +132,13 @@ def format_results(results: dict[str, dict]) -> str:
 @torch.no_grad()
 def evaluate_experts(model, tokenizer, examples, system_prompts: list[str], dataset: str, *,
                      max_new_tokens: int = 256, batch_size: int = 64, pass_k: int = 0,
-                     seed: int = 0) -> dict:
-    """E8: greedy accuracy per expert prompt, majority vote, oracle, error overlap; and pass@1 /
-    pass@k per expert from `pass_k` samples at temperature 1 (skipped when pass_k is 0).
+                     seed: int = 0, difficulty=None) -> dict:
+    """E8: greedy accuracy per expert prompt, majority vote, oracle, error overlap, the
+    confidence choice; and pass@1 / pass@k per expert from `pass_k` samples at temperature 1
+    (skipped when pass_k is 0). `difficulty` (example id -> level, e.g. the synthetic world's
+    `difficulty_of`) adds the same figures per level. "per_question" keeps, for every question,
+    each expert's correctness and confidence and whether the vote was right, so any other view
+    (paired differences, error overlap of a subset) can be computed from the result alone.
 
     Across processes (meml/distributed.py) each rank answers a contiguous share of the questions
     and the per-question results are gathered: the greedy figures are those of one process;
@@ -114,9 +147,10 @@ def evaluate_experts(model, tokenizer, examples, system_prompts: list[str], data
     w, r = distributed.world_size(), distributed.rank()
     mine = examples[r * len(examples) // w:(r + 1) * len(examples) // w]
     conversations, rows = expert_grid(mine, system_prompts, dataset, copies=1)  # rows [Q, N, 1]
-    texts = complete(model, tokenizer, conversations, max_new_tokens=max_new_tokens,
-                     batch_size=batch_size).texts
-    answers = [[texts[row] for row in rows[q, :, 0].tolist()] for q in range(len(mine))]  # one per expert
+    greedy = complete(model, tokenizer, conversations, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    answers = [[greedy.texts[row] for row in rows[q, :, 0].tolist()] for q in range(len(mine))]  # one per expert
+    confidence = [[greedy.logprobs[row].mean().item() if len(greedy.logprobs[row]) else -math.inf
+                   for row in rows[q, :, 0].tolist()] for q in range(len(mine))]
     hits = None
     if pass_k:
         conversations, rows = expert_grid(mine, system_prompts, dataset, copies=pass_k)  # [Q, N, k]
@@ -125,25 +159,42 @@ def evaluate_experts(model, tokenizer, examples, system_prompts: list[str], data
                            batch_size=batch_size, generator=generator).texts
         hits = [[sum(reward(dataset, sampled[row], ex) == 1.0 for row in rows[q, i].tolist())
                  for i in range(len(system_prompts))] for q, ex in enumerate(mine)]  # [Q][N]
-    answers, hits = _gathered(answers), _gathered(hits) if pass_k else None
+    answers, confidence, hits = _gathered(answers), _gathered(confidence), _gathered(hits) if pass_k else None
     correct, votes_right = [], []
     for ex, row in zip(examples, answers):
         ok, vote_ok = judge(dataset, row, ex)
         correct.append(ok)
         votes_right.append(vote_ok)
-    result = {
-        "num_questions": len(examples),
-        "accuracy": [accuracy([row[i] for row in correct]) for i in range(len(system_prompts))],
-        "majority_vote": accuracy(votes_right),
-        "oracle": oracle_accuracy(correct),
-        "error_overlap": error_overlap(correct),
-        "samples": [{"id": examples[q].id, "expert": i, "text": answers[q][i]}
-                    for q in range(min(3, len(examples))) for i in range(len(system_prompts))],
-    }
+    result = {**_table(correct, votes_right, confidence),
+              "samples": [{"id": examples[q].id, "expert": i, "text": answers[q][i]}
+                          for q in range(min(3, len(examples))) for i in range(len(system_prompts))]}
+    if difficulty is not None:
+        levels = [difficulty(ex.id) for ex in examples]
+        result["by_difficulty"] = {
+            str(level): _table(*[[x for x, lv in zip(column, levels) if lv == level]
+                                 for column in (correct, votes_right, confidence)], overlap=False)
+            for level in sorted(set(levels))}
+    result["per_question"] = [{"id": ex.id, "correct": [int(c) for c in ok], "vote": int(v),
+                               "confidence": [round(c, 4) for c in conf]}
+                              for ex, ok, v, conf in zip(examples, correct, votes_right, confidence)]
     for k in sorted({1, pass_k}) if pass_k else []:
         result[f"pass@{k}"] = [sum(pass_at_k(pass_k, row[i], k) for row in hits) / len(examples)
                                for i in range(len(system_prompts))]
     return result
+
+
+def _table(correct: list[list[bool]], votes_right: list[bool], confidence: list[list[float]],
+           overlap: bool = True) -> dict:
+    """The E8 figures of one set of questions from its per-question results."""
+    num_experts = len(correct[0]) if correct else 0
+    out = {"num_questions": len(correct),
+           "accuracy": [accuracy([row[i] for row in correct]) for i in range(num_experts)],
+           "majority_vote": accuracy(votes_right),
+           "oracle": oracle_accuracy(correct),
+           "confidence_choice": confidence_choice(correct, confidence)}
+    if overlap:
+        out["error_overlap"] = error_overlap(correct)
+    return out
 
 
 def _gathered(per_question: list) -> list:

@@ -15,7 +15,8 @@ import torch
 from meml.losses import aggregate
 
 ESTIMATORS = ("k1", "k2", "k3")
-INTER_EXPERT_VARIANTS = ("sequence", "full_vocab")  # `inter_expert_kl`, `inter_expert_kl_full_vocab`
+# `inter_expert_kl` (sequence; token_mean with num_tokens), `inter_expert_kl_full_vocab`
+INTER_EXPERT_VARIANTS = ("sequence", "token_mean", "full_vocab")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,6 +112,7 @@ def inter_expert_kl(
     minus_seq_logprobs: torch.Tensor,
     question_index: torch.Tensor | None = None,
     num_questions: int | None = None,
+    num_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """E5, sequence estimator: L_KL = mean_{O+} [ sg(log π_θ(O+|Q,P+)) − log π_θ(O+|Q,P−) ].
 
@@ -123,9 +125,15 @@ def inter_expert_kl(
     num_questions:      the step's number of active questions, when these rows are the O+ of
                         only some of them (a micro-batch holding whole questions): the
                         micro-batches' values then add up to the whole step's L_KL.
+    num_tokens:         [M] |O+| per row, for the per-token form (variant "token_mean", D8):
+                        each row's difference divided by its length, i.e. the mean over O+'s
+                        tokens instead of their sum. The sum is ~|O+| times larger than the
+                        token-mean E3, which makes λ1 depend on answer length.
     Sign and stop-gradient: decision D7 (README.md); minimising raises log π_θ(O+ | P−).
     """
     per_rollout = plus_seq_logprobs.detach() - minus_seq_logprobs  # [M]
+    if num_tokens is not None:
+        per_rollout = per_rollout / num_tokens
     return _mean_per_question(per_rollout, question_index, num_questions)
 
 

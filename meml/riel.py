@@ -237,7 +237,9 @@ def inter_expert_micro_batches(model, world, ro: Rollouts, parts: PartRows, d: D
             with torch.no_grad():
                 lp_plus = completion_logprobs(model, plus, temperature=cfg.temperature, vocab_limit=tok.vocab_size)
             lp_minus = completion_logprobs(model, minus, temperature=cfg.temperature, vocab_limit=tok.vocab_size)
-            kl = inter_expert_kl(lp_plus.sum(1), lp_minus.sum(1), question, d.inter_expert)  # sequence log-probs
+            per_token = cfg.inter_expert_variant == "token_mean"  # else the sum over O+'s tokens (D8)
+            kl = inter_expert_kl(lp_plus.sum(1), lp_minus.sum(1), question, d.inter_expert,
+                                 num_tokens=minus.completion_mask.sum(1) if per_token else None)
         yield {"inter_expert_kl": kl}
 
 

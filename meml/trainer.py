@@ -151,8 +151,12 @@ def _progress_line(stage: Stage, step: int, metrics: dict, eta: float) -> str:
 
 def run_stage(stage: Stage, model, optimizer, step_fn, *, run_dir: Path, tokenizer_dir: Path,
               start_step: int = 0, carry: dict | None = None, log_every: int = 1,
-              sample_every: int = 10, print_fn=print) -> None:
-    """Run steps start_step .. total_steps-1 of one stage, checkpointing as it goes."""
+              sample_every: int = 10, print_fn=print, probe=None) -> None:
+    """Run steps start_step .. total_steps-1 of one stage, checkpointing as it goes.
+
+    probe(step) -> dict, if given, is called before the first step (step 0, logged as a line of
+    its own) and after every step (merged into that step's line): e.g. a learning curve's
+    evaluation, which returns {} on the steps it skips. Every rank calls it."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     carry = carry or {}
@@ -160,6 +164,8 @@ def run_stage(stage: Stage, model, optimizer, step_fn, *, run_dir: Path, tokeniz
     device_type = next(model.parameters()).device.type
     main = distributed.is_main()  # rank 0 logs and checkpoints; every rank trains
     with open(run_dir / "metrics.jsonl", "a") if main else contextlib.nullcontext() as log:
+        if probe is not None and start_step == 0:
+            _log_probe(probe(0), stage, 0, log, print_fn)
         for step in range(start_step, stage.total_steps):
             t0 = time.time()
             for group in optimizer.param_groups:
@@ -176,6 +182,12 @@ def run_stage(stage: Stage, model, optimizer, step_fn, *, run_dir: Path, tokeniz
             samples = metrics.pop("samples", None)
             metrics.update({"stage": stage.name, "step": step + 1, "lr": lr_at(step, stage),
                             "time/step": time.time() - t0})
+            if probe is not None:
+                t1 = time.time()
+                found = probe(step + 1)
+                if found:
+                    metrics.update({**found, "time/eval": time.time() - t1})
+                    _log_probe(found, stage, step + 1, None, print_fn)
             if main:
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
@@ -194,6 +206,17 @@ def run_stage(stage: Stage, model, optimizer, step_fn, *, run_dir: Path, tokeniz
                     save_checkpoint(run_dir, stage.step_offset + step + 1, model, tokenizer_dir, state,
                                     dtype=stage.save_dtype)
                 distributed.barrier()  # no rank runs ahead of a checkpoint it may resume from
+
+
+def _log_probe(found: dict, stage: Stage, step: int, log, print_fn) -> None:
+    """A probe's figures: printed; written as a metrics line of their own when `log` is given."""
+    if not found or not distributed.is_main():
+        return
+    if log is not None:
+        log.write(json.dumps({"stage": stage.name, "step": step, **found}) + "\n")
+        log.flush()
+    print_fn(f"[{stage.name}] step {step}: " + ", ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in found.items()
+                                                       if isinstance(v, float) and "/d" not in k))
 
 
 def _checked_grad_norm(stage: Stage, model, step: int, loss, metrics: dict, run_dir: Path) -> float:

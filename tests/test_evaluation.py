@@ -3,7 +3,8 @@ from math import comb
 
 import pytest
 
-from meml.evaluation import accuracy, error_overlap, majority_vote, oracle_accuracy, pass_at_k
+from meml.evaluation import (accuracy, best_expert, confidence_choice, error_overlap, majority_vote, oracle_accuracy,
+                             pass_at_k)
 
 # 4 questions x 3 experts: True = right.
 CORRECT = [
@@ -70,3 +71,63 @@ def test_majority_vote_reads_mathqa_answers_as_the_reward_does():
     assert correct == [True, False, False] and not vote_right
     correct, vote_right = judge("mathqa", ["The answer is 12", "The answer is 12.", "#### b"], ex)
     assert correct == [True, True, False] and vote_right
+
+
+def test_confidence_choice_takes_each_questions_most_confident_expert_by_hand():
+    correct = [[True, False, False], [False, True, False], [False, False, True], [True, True, False]]
+    confidence = [[-0.1, -0.5, -0.9],   # expert 0 chosen: right
+                  [-0.2, -0.3, -0.1],   # expert 2 chosen: wrong
+                  [-0.4, -0.4, -0.4],   # a tie: expert 0 chosen: wrong
+                  [-1.0, -0.2, -0.3]]   # expert 1 chosen: right
+    assert confidence_choice(correct, confidence) == 0.5
+
+
+def test_best_expert_ties_go_to_the_lowest_index():
+    assert best_expert([0.3, 0.5, 0.5]) == 1 and best_expert([0.2, 0.1]) == 0
+
+
+def test_per_question_results_hold_the_whole_table(tmp_path):
+    """evaluate_experts on a random tiny model: the per-question records recompute every
+    figure, the per-level tables are those of the level's questions, and each confidence is the
+    mean log-prob of the greedy answer as a full forward pass scores it."""
+    import torch
+
+    from meml import synthetic, synthetic_assets
+    from meml.evaluation import evaluate_experts
+    from meml.model import ModelConfig, Transformer
+    from meml.prompts import expert_prompt
+    from meml.tokenizer import Tokenizer
+
+    folder = synthetic_assets.write_synthetic_assets(tmp_path / "assets")
+    tok = Tokenizer.from_pretrained(folder)
+    config = ModelConfig.from_json(folder / "config.json")
+    torch.manual_seed(0)
+    model = Transformer(config)
+    model.init_weights(std=0.3)
+    tok.fit_to_model(config.vocab_size, source=str(folder))
+    examples = [p.to_example() for p in synthetic.generate_problems(9, "eval", seed=0)]
+    prompts = list(synthetic.EXPERT_PROMPTS)
+    out = evaluate_experts(model, tok, examples, prompts, "synthetic", max_new_tokens=6,
+                           difficulty=synthetic.difficulty_of)
+    rows = out["per_question"]
+    assert [r["id"] for r in rows] == [ex.id for ex in examples]
+    for i in range(3):
+        assert out["accuracy"][i] == sum(r["correct"][i] for r in rows) / 9
+    assert out["majority_vote"] == sum(r["vote"] for r in rows) / 9
+    for level, table in out["by_difficulty"].items():
+        mine = [r for r in rows if synthetic.difficulty_of(r["id"]) == int(level)]
+        assert table["num_questions"] == len(mine) == 3
+        assert table["oracle"] == sum(any(r["correct"]) for r in mine) / 3
+    # confidence: the greedy completion's mean log-prob, recomputed from full logits
+    ex, i = examples[4], 2
+    prompt = expert_prompt(tok, prompts[i], "synthetic", ex)
+    ids, completion = torch.tensor([prompt]), []
+    with torch.no_grad():
+        for _ in range(6):
+            logp = torch.log_softmax(model(ids)[0, -1, :tok.vocab_size].float(), -1)
+            completion.append(logp.max().item())
+            token = int(logp.argmax())
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+            if token in tok.stop_ids:
+                break
+    assert rows[4]["confidence"][i] == pytest.approx(sum(completion) / len(completion), abs=1e-4)

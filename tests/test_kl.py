@@ -161,6 +161,15 @@ def test_inter_expert_kl_mean_per_question():
     assert torch.allclose(minus.grad, torch.tensor([-1 / 6, -1 / 6, -1 / 6, -1 / 2]))
 
 
+def test_token_mean_form_divides_each_rollout_by_its_length():
+    plus, minus = torch.tensor([-2.0, -6.0, -1.0]), torch.tensor([-5.0, -9.0, -4.0], requires_grad=True)
+    loss = inter_expert_kl(plus, minus, torch.tensor([0, 0, 1]), num_tokens=torch.tensor([3, 6, 2]))
+    # question 0: (3/3 + 3/6) / 2 = 0.75; question 1: 3/2 = 1.5; mean over questions 1.125
+    assert loss.item() == pytest.approx(1.125)
+    loss.backward()
+    assert torch.allclose(minus.grad, torch.tensor([-1 / 3 / 2 / 2, -1 / 6 / 2 / 2, -1 / 2 / 2]))
+
+
 def test_full_vocab_kl_by_hand():
     # Vocabulary of 3. Token 0: p+ = (1/2, 1/4, 1/4), p- = (1/4, 1/2, 1/4):
     # KL = 1/2 ln 2 + 1/4 ln(1/2) + 0 = ln(2)/4. Token 1 is masked out.

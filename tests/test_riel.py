@@ -193,6 +193,30 @@ def test_full_vocab_inter_expert_term_is_the_exact_kl_along_the_plus_rollouts(wo
     assert_same_grads(got, grads(model))
 
 
+def test_token_mean_inter_expert_term_divides_each_plus_rollout_by_its_length(world):
+    """E5 per token (D8): per O+, (sg(log π(O+|P+)) − log π(O+|P−)) / |O+|, then the mean."""
+    model, w, _ = world
+    ro = make_rollouts(w)
+    model.zero_grad()
+    cfg = RielConfig(group_size=G, inter_expert_variant="token_mean", micro_batch_size=1, lambda1=0.3)
+    out, _ = backward_e7(model, w, ro, ONE_ACTIVE, torch.zeros(2, 3, G), [], BY_ID, cfg)
+    got = grads(model)
+
+    model.zero_grad()
+    V = w.tokenizer.vocab_size
+    terms = []
+    for r in (0, 1):  # question 0's O+: expert 0's correct rollouts 0 and 1; E- = expert 2
+        c = ro.completions[r]
+        plus = seq_logprob(model, ro.prompts[r], c, V).sum().detach()
+        minus = seq_logprob(model, ro.prompts[2 * G], c, V).sum()
+        terms.append((plus - minus) / len(c))
+    assert len(ro.completions[0]) != len(ro.completions[1])  # the division is visible
+    expected = torch.stack(terms).mean()
+    (0.3 * expected).backward()
+    assert out["loss/inter_expert_kl"] == pytest.approx(expected.item(), rel=1e-4)
+    assert_same_grads(got, grads(model))
+
+
 def test_buffer_targets_are_verified_expert_answers_with_the_gold_solution_when_there_is_none(world):
     """--buffer-target expert: expert 1 has a verified answer to q0 only; its q1 item falls back
     to q1's gold solution, and the fallback is counted."""

@@ -426,3 +426,48 @@ def test_expert_data_naming_an_unknown_question_says_what_the_ids_are(tmp_path, 
     assert train.main(args) == 2
     err = capsys.readouterr().err
     assert f"{expert}: 1 answers name questions that are not in {data}" in err and "'abc0' for its first" in err
+
+
+def test_learning_curve_points_leave_the_run_unchanged(tmp_path):
+    """--eval-every: greedy evaluations between steps draw no random numbers, so the run ends at
+    the same weights; the points are logged at step 0, every N steps and the last step."""
+    args = ["--mef-steps", "2", "--riel-steps", "5", "--save-every", "10"] + TINY
+    plain, curve = tmp_path / "plain", tmp_path / "curve"
+    assert train.main(["--output", str(plain)] + args) == 0
+    assert train.main(["--output", str(curve), "--eval-every", "2", "--curve-size", "2"] + args) == 0
+    a, b = _weights(plain / "checkpoint-000007"), _weights(curve / "checkpoint-000007")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    points = [r for r in metrics(curve) if "eval/expert_0/accuracy" in r]
+    assert [r["step"] for r in points] == [0, 2, 4, 5] and all(r["eval/num_questions"] == 2 for r in points)
+    assert [r["reward"] for r in metrics(plain) if r["stage"] == "riel"] == \
+        [r["reward"] for r in metrics(curve) if "reward" in r and r["stage"] == "riel"]
+
+
+def test_init_from_a_mef_run_is_riel_of_that_run(tmp_path, capsys):
+    """A RIEL preset started with --init-from from a MEF-only run ends at the weights of the
+    same preset run whole (MEF then RIEL, same seed); a checkpoint of another seed's world (its
+    own tokenizer) is refused in one line."""
+    mef, whole, riel = tmp_path / "mef", tmp_path / "whole", tmp_path / "riel"
+    common = ["--mef-steps", "3", "--save-every", "10", "--eval-size", "4", "--dev-size", "3"] + TINY[:2] + TINY[4:]
+    assert train.main(["--preset", "moe-sft", "--output", str(mef)] + common) == 0
+    assert train.main(["--output", str(whole), "--riel-steps", "3"] + common) == 0
+    assert train.main(["--output", str(riel), "--riel-steps", "3", "--init-from", str(mef)] + common) == 0
+    a, b = _weights(whole / "checkpoint-000006"), _weights(riel / "checkpoint-000003")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert [r["stage"] for r in metrics(riel)] == ["riel"] * 3
+    results = json.loads((riel / "results.json").read_text())["results"]
+    before = json.loads((mef / "results.json").read_text())["results"]["after MEF"]
+    assert results["before RIEL"]["per_question"] == before["per_question"]
+    assert results["before RIEL"]["dev_choice"]["num_questions"] == 3
+    info = json.loads((riel / "meml_run.json").read_text())
+    assert len(info["eval_ids"]) == 4 and len(info["dev_ids"]) == 3 and not set(info["eval_ids"]) & set(info["dev_ids"])
+    capsys.readouterr()
+    assert train.main(["--output", str(tmp_path / "other"), "--seed", "1", "--init-from", str(mef)] + common) == 2
+    assert "tokenizer is not this run's" in capsys.readouterr().err
+
+
+def test_eval_size_above_300_draws_that_many_synthetic_questions(tmp_path):
+    assert train.main(["--preset", "moe-sft", "--output", str(tmp_path), "--mef-steps", "0", "--eval-size", "450",
+                       "--dev-size", "20"] + TINY[:2] + TINY[4:]) == 0
+    info = json.loads((tmp_path / "meml_run.json").read_text())
+    assert len(set(info["eval_ids"])) == 450 and len(set(info["dev_ids"]) - set(info["eval_ids"])) == 20

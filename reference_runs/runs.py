@@ -1,0 +1,211 @@
+"""Every run behind reference_runs/README.md: its exact command, and a runner that reproduces it.
+
+    python reference_runs/runs.py list                 # the command of every run, in run order
+    python reference_runs/runs.py run --all --jobs 2   # run what is missing, two at a time
+    python reference_runs/runs.py run meml-s0          # one run (and nothing it depends on)
+    python reference_runs/runs.py check meml-s0        # rerun it elsewhere, compare results.json
+
+A run is `train.py` on the synthetic world with the arguments below, one thread, CPU. Runs that
+start from another run's MEF checkpoint (`--init-from`) need that run's folder under
+`runs/reference/` (the scratch place where checkpoints live; checkpoints are never committed).
+What is committed, per run, in reference_runs/runs/<name>/:
+  run.json       the command, the run it starts from, its seed, the commit, the date, wall time
+  results.json   train.py's evaluation tables (a rerun on a CPU gives the same file)
+  metrics.jsonl  train.py's per-step metrics, floats to 6 significant digits (timings differ from run
+                 to run; nothing else does)
+
+The plan is fixed before any result is seen (reference_runs/README.md says why each run is
+there); nothing here is tuned toward an outcome.
+"""
+import argparse
+import filecmp
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+COMMITTED = REPO / "reference_runs" / "runs"
+SCRATCH = REPO / "runs" / "reference"
+
+SEEDS = (0, 1, 2)
+EXPERTS = (0, 1, 2)
+# Every evaluation: 1000 held-out questions (a 3-point difference is ~2 standard errors of a
+# difference of two accuracies near 40 %), 300 dev questions for the label-free expert choice,
+# greedy only. One checkpoint, at the end (the runs are not resumed).
+EVALUATION = ["--eval-size", "1000", "--dev-size", "300", "--pass-k", "0", "--save-every", "100000"]
+CURVE = ["--eval-every", "25", "--curve-size", "150"]  # RIEL learning curves
+# E5's weight and normalisation (λ1 = 0 is meml-no-iml, 0.1 with the sum is meml).
+SWEEP = [(0.01, "sequence"), (0.03, "sequence"), (0.3, "sequence"),
+         (0.01, "token_mean"), (0.03, "token_mean"), (0.1, "token_mean"), (0.3, "token_mean")]
+
+
+@dataclass
+class Run:
+    name: str
+    args: list[str]              # train.py arguments, --output and --init-from left out
+    init_from: str | None = None  # the run whose final checkpoint this one starts from
+    group: str = ""              # what the report calls it (method or sweep cell); seeds share it
+
+    @property
+    def seed(self) -> int:
+        return int(self.args[self.args.index("--seed") + 1])
+
+    def command(self, scratch: Path = SCRATCH) -> list[str]:
+        start = ["--init-from", str(scratch / self.init_from)] if self.init_from else []
+        return ["python", "train.py", *self.args, *start, "--output", str(scratch / self.name)]
+
+
+def plan() -> list[Run]:
+    """Every run, in the order they are started: what others start from first, then the main
+    comparison, then the single-expert baselines, then the λ1 sweep."""
+    runs = []
+    for s in SEEDS:
+        seed = ["--seed", str(s)]
+        runs.append(Run(f"sft-moe-s{s}", ["--preset", "moe-sft", *seed, *EVALUATION], group="MoE-SFT"))
+        runs.append(Run(f"sft-expert0-s{s}", ["--preset", "expert-sft", "--expert", "0", *seed, *EVALUATION],
+                        group="Expert0-SFT"))
+    riel = [*EVALUATION, *CURVE]
+    for s in SEEDS:
+        seed = ["--seed", str(s)]
+        for preset, group in [("meml-grpo", "MEML-GRPO"), ("meml-no-iml", "MEML-GRPO w/o inter-expert"),
+                              ("meml-no-buffer", "MEML-GRPO w/o buffer"), ("moe-sft-grpo", "MoE-SFT-GRPO"),
+                              ("moe-sft-dr-grpo", "MoE-SFT-Dr.GRPO")]:
+            runs.append(Run(f"{preset}-s{s}", ["--preset", preset, *seed, *riel], f"sft-moe-s{s}", group))
+        # without MEF: MEML's RIEL with all three prompts from a model that learned the task from the
+        # gold solutions only (Expert0-SFT), as the paper's ablation starts from a base model
+        runs.append(Run(f"meml-no-mef-s{s}", ["--preset", "meml-no-mef", *seed, *riel], f"sft-expert0-s{s}",
+                        "MEML-GRPO w/o MEF"))
+    for s in SEEDS:
+        seed = ["--seed", str(s)]
+        for x in EXPERTS:
+            if x:
+                runs.append(Run(f"sft-expert{x}-s{s}", ["--preset", "expert-sft", "--expert", str(x), *seed,
+                                                         *EVALUATION], group=f"Expert{x}-SFT"))
+            for preset, kind in [("expert-sft-grpo", "GRPO"), ("expert-sft-dr-grpo", "Dr.GRPO")]:
+                runs.append(Run(f"expert{x}-{kind.lower().replace('.', '')}-s{s}",
+                                ["--preset", preset, "--expert", str(x), *seed, *riel],
+                                f"sft-expert{x}-s{s}", f"Expert{x}-SFT-{kind}"))
+    for s in SEEDS:
+        for lambda1, variant in SWEEP:
+            runs.append(Run(f"meml-l{lambda1}-{variant}-s{s}",
+                            ["--preset", "meml-grpo", "--lambda1", str(lambda1), "--inter-expert-variant", variant,
+                             "--seed", str(s), *riel], f"sft-moe-s{s}", f"λ1={lambda1} {variant}"))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+
+def is_done(run: Run) -> bool:
+    return (COMMITTED / run.name / "results.json").exists()
+
+
+def commit_of(folder: Path) -> str | None:
+    info = folder / "meml_run.json"
+    return json.loads(info.read_text()).get("commit") if info.exists() else None
+
+
+def keep(run: Run, started: float) -> None:
+    """Copy what is committed of a finished run from the scratch folder."""
+    src, dst = SCRATCH / run.name, COMMITTED / run.name
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "results.json", dst / "results.json")
+    with open(src / "metrics.jsonl") as f, open(dst / "metrics.jsonl", "w") as out:
+        for line in f:  # floats to 6 significant digits: a third of the size, every figure kept
+            out.write(json.dumps(json.loads(line, parse_float=lambda x: float(f"{float(x):.6g}"))) + "\n")
+    info = {"name": run.name, "group": run.group, "seed": run.seed, "init_from": run.init_from,
+            "command": " ".join(run.command(Path("runs/reference"))), "commit": commit_of(src),
+            "date": time.strftime("%Y-%m-%d"), "wall_seconds": round(time.time() - started)}
+    (dst / "run.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
+def run_all(selected: list[Run], jobs: int) -> int:
+    """Start each selected run once what it starts from is done, `jobs` at a time."""
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    pending, running, failed = list(selected), {}, []
+    while pending or running:
+        for run in list(pending):
+            if len(running) >= jobs:
+                break
+            ready = run.init_from is None or (SCRATCH / run.init_from / "results.json").exists()
+            if run.init_from in [r.name for r in failed]:
+                pending.remove(run)
+                failed.append(run)
+                continue
+            if ready:
+                pending.remove(run)
+                if (SCRATCH / run.name).exists():
+                    shutil.rmtree(SCRATCH / run.name)  # a run cut short earlier starts again
+                log = open(SCRATCH / f"{run.name}.log", "w")
+                proc = subprocess.Popen([sys.executable, *run.command()[1:]], cwd=REPO, stdout=log,
+                                        stderr=subprocess.STDOUT)
+                running[run.name] = (run, proc, time.time(), log)
+                print(f"{time.strftime('%H:%M:%S')} start {run.name}", flush=True)
+        time.sleep(2)
+        for name, (run, proc, started, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            if proc.returncode == 0:
+                keep(run, started)
+                print(f"{time.strftime('%H:%M:%S')} done {name} ({time.time() - started:.0f} s)", flush=True)
+            else:
+                failed.append(run)
+                print(f"{time.strftime('%H:%M:%S')} FAILED {name} (exit {proc.returncode}): {SCRATCH / name}.log",
+                      flush=True)
+        if pending and not running and all(r.init_from and not (SCRATCH / r.init_from / "results.json").exists()
+                                           for r in pending):
+            for run in pending:
+                print(f"cannot start {run.name}: {run.init_from} is not in {SCRATCH}", flush=True)
+            failed += pending
+            pending = []
+    return 1 if failed else 0
+
+
+def check(run: Run) -> int:
+    """Rerun one run in a temporary folder (starting from the scratch checkpoint it needs) and
+    compare its results.json with the committed one."""
+    with tempfile.TemporaryDirectory() as tmp:
+        command = run.command()
+        command[command.index("--output") + 1] = str(Path(tmp) / run.name)
+        subprocess.run([sys.executable, *command[1:]], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+        same = filecmp.cmp(Path(tmp) / run.name / "results.json", COMMITTED / run.name / "results.json",
+                           shallow=False)
+    print(f"{run.name}: results.json {'identical' if same else 'DIFFERS'}")
+    return 0 if same else 1
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    sub.add_parser("list", help="print every run's command, in run order")
+    r = sub.add_parser("run", help="run the named runs (or --all that are not committed yet)")
+    r.add_argument("names", nargs="*")
+    r.add_argument("--all", action="store_true")
+    r.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    c = sub.add_parser("check", help="rerun one run and compare its results.json with the committed one")
+    c.add_argument("name")
+    args = p.parse_args(argv)
+    runs = {run.name: run for run in plan()}
+    if args.what == "list":
+        for run in runs.values():
+            print(" ".join(run.command(Path("runs/reference"))))
+        return 0
+    names = getattr(args, "names", None) or ([args.name] if args.what == "check" else [])
+    unknown = [n for n in names if n not in runs]
+    if unknown:
+        print(f"runs.py: unknown run {unknown[0]!r}; `python reference_runs/runs.py list` names them", file=sys.stderr)
+        return 2
+    if args.what == "check":
+        return check(runs[args.name])
+    selected = [run for run in runs.values() if not is_done(run)] if args.all else [runs[n] for n in names]
+    return run_all(selected, args.jobs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
