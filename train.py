@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from meml import data, distributed, synthetic, synthetic_assets
+from meml import data, distributed, plots, synthetic, synthetic_assets
 from meml.buffer import HardExampleBuffer
 from meml.checkpoint import RUN_INFO, TRAINER_STATE, latest_checkpoint, load_trainer_state
 from meml.config import PRESETS, TrainConfig, add_option_flags, make_config, overrides_from
@@ -515,6 +515,13 @@ def run(argv=None) -> int:
                                                       "riel_summary": riel_summary}, indent=1))
     print_table(results, riel_summary, time.time() - started)
     print(f"results: {run_dir / 'results.json'}; metrics: {run_dir / 'metrics.jsonl'}")
+    if cfg.run_riel:
+        if plots.available():
+            print(f"plots: {plots.plot_run(run_dir)}")
+        else:
+            print("plots of this run (reward, held-out accuracy, buffer, E5, entropy per step): "
+                  "pip install matplotlib, then python -c \"from meml.plots import plot_run; "
+                  f"plot_run('{run_dir}')\"")
     return 0
 
 

@@ -78,6 +78,9 @@ def plan() -> list[Run]:
             runs.append(Run(f"{preset}-s{s}", ["--preset", preset, *seed, *riel], f"sft-moe-s{s}", group))
         # without MEF: MEML's RIEL with all three prompts from a model that learned the task from the
         # gold solutions only (Expert0-SFT), as the paper's ablation starts from a base model
+        # the bottom of the ablation ladder: the paper's E3 alone, neither E5 nor E6
+        runs.append(Run(f"meml-e3-only-s{s}", ["--preset", "meml-grpo", "--lambda1", "0", "--no-hard-example-buffer",
+                                               *seed, *riel], f"sft-moe-s{s}", "MEML-GRPO E3 only"))
         runs.append(Run(f"meml-no-mef-s{s}", ["--preset", "meml-no-mef", *seed, *riel], f"sft-expert0-s{s}",
                         "MEML-GRPO w/o MEF"))
     for s in SEEDS:

@@ -471,3 +471,16 @@ def test_eval_size_above_300_draws_that_many_synthetic_questions(tmp_path):
                        "--dev-size", "20"] + TINY[:2] + TINY[4:]) == 0
     info = json.loads((tmp_path / "meml_run.json").read_text())
     assert len(set(info["eval_ids"])) == 450 and len(set(info["dev_ids"]) - set(info["eval_ids"])) == 20
+
+
+def test_a_riel_run_draws_its_plots_or_says_how_to_get_them(tmp_path, capsys, monkeypatch):
+    from meml import plots
+    args = ["--mef-steps", "1", "--riel-steps", "2", "--eval-every", "1", "--curve-size", "2"] + TINY
+    monkeypatch.setattr(plots, "available", lambda: False)
+    assert train.main(["--output", str(tmp_path / "without")] + args) == 0
+    assert "pip install matplotlib" in capsys.readouterr().out
+    assert not (tmp_path / "without" / "plots").exists()
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    assert train.main(["--output", str(tmp_path / "with")] + args) == 0
+    assert (tmp_path / "with" / "plots" / "riel.png").stat().st_size > 10_000
