@@ -41,6 +41,7 @@ from meml.mef import generate_expert_data, mef_items, sft_loss, verified_answers
 from meml.model import ModelConfig, Transformer
 from meml.prompts import EXPERT_SYSTEM_PROMPTS, read_system_prompts
 from meml.riel import World, riel_step
+from meml.sampler import stream_key
 from meml.tokenizer import Tokenizer
 from meml.trainer import (LossNotFinite, Stage, batch_indices, make_optimizer, mixed_precision, restore, run_stage,
                           truncate_metrics)
@@ -377,20 +378,22 @@ def run_riel(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, ch
     steps = cfg.riel_steps if cfg.riel_steps is not None else math.ceil(len(task.train) * cfg.riel_epochs / r.questions_per_step)
     print(f"RIEL ({cfg.preset}): {steps} steps x {r.questions_per_step} questions x "
           f"{len(task.system_prompts)} experts x G={r.group_size}")
-    # each rank its own stream (a world of one: the seed itself); the buffer's coins are shared
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003 * distributed.rank())
+    # rollouts draw from keys of (seed, step, question, expert, rollout): nothing to save for
+    # resume, the same at any world size (D22); the buffer's coins come from its own generator
     buffer = HardExampleBuffer(r.buffer_capacity, r.buffer_k, r.group_size, cfg.seed) if r.hard_example_buffer else None
     hidden = [name for name, off in [("loss/ref_kl", r.beta == 0), ("loss/inter_expert_kl", r.lambda1 == 0),
                                      ("loss/sft", buffer is None)] if off]
     stage = Stage("riel", steps, cfg.riel_lr, cfg.save_every, cfg.grad_clip, cfg.weight_decay, 0,
-                  step_offset=mef_steps, generators={"sampling": generator},
+                  step_offset=mef_steps,
                   extra_state={"buffer": buffer} if buffer is not None else {}, hidden_losses=tuple(hidden),
                   compute_dtype=precision.compute, save_dtype=precision.save)
     ref_model = None
     if r.beta > 0:  # E4's reference: the policy as RIEL starts, kept on disk for resume
         ref_dir = run_dir / "reference"
-        if distributed.is_main() and (checkpoint is None or state["stage"] != "riel"):
-            task.model.save_pretrained(ref_dir, dtype=precision.compute)
+        if checkpoint is None or state["stage"] != "riel":
+            weights = distributed.full_state_dict(task.model)  # every rank: gathers a sharded model
+            if distributed.is_main():
+                task.model.save_pretrained(ref_dir, dtype=precision.compute, state=weights)
         distributed.barrier()
         ref_model = Transformer.from_pretrained(ref_dir, dtype=precision.compute, device=device).eval()
         ref_model.requires_grad_(False)
@@ -402,7 +405,8 @@ def run_riel(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, ch
 
     def riel_step_at(step):
         idx = batch_indices(len(task.train), r.questions_per_step, step, cfg.seed + 1)
-        yield from riel_step(task.model, world, [task.train[i] for i in idx], r, generator, buffer, by_id, ref_model)
+        yield from riel_step(task.model, world, [task.train[i] for i in idx], r, stream_key(cfg.seed, step), buffer,
+                             by_id, ref_model)
 
     steps_per_epoch = max(1, len(task.train) // r.questions_per_step)
     run_stage(stage, task.model, optimizer, riel_step_at, run_dir=run_dir, tokenizer_dir=task.model_dir,
@@ -489,6 +493,8 @@ def run(argv=None) -> int:
         task.model.load_state_dict(weights)
     elif args.init_from is not None:
         init_weights(task, args.init_from, device, precision)
+    if cfg.fsdp:  # FSDP2: from here on each rank holds a shard of every weight
+        distributed.shard_model(task.model)
     resumed_in_riel = checkpoint is not None and state["stage"] == "riel"
     results = {"after MEF": None, "after RIEL": None}
     if args.init_from is not None:  # the start, evaluated like MEF's end would be

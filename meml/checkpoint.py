@@ -40,16 +40,17 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer_dir: Path, trainer_state: dict,
-                    keep: int = 2, dtype: torch.dtype | None = None) -> Path:
+                    keep: int = 2, dtype: torch.dtype | None = None, weights: dict | None = None) -> Path:
     """Write checkpoint-<step> atomically, the HF files in `dtype` (None: the weights' own);
-    keep only the newest `keep` checkpoints."""
+    keep only the newest `keep` checkpoints. weights: the model's state dict as whole tensors,
+    when the model itself holds shards (meml.distributed.full_state_dict)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"checkpoint-{step:06d}"
     tmp = run_dir / f".checkpoint-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    model.save_pretrained(tmp, dtype=dtype)
+    model.save_pretrained(tmp, dtype=dtype, state=weights)
     for name in TOKENIZER_FILES:
         if (Path(tokenizer_dir) / name).exists():
             shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)

@@ -139,6 +139,9 @@ class TrainConfig:
     activation_checkpointing: bool = option(False, "recompute each decoder layer in the backward instead of "
                                             "keeping its activations (less memory, ~1/3 more compute)",
                                             section="memory")
+    fsdp: bool = option(False, "under torchrun: shard weights, gradients and AdamW states across the processes "
+                        "with FSDP2 (torch.distributed.fsdp.fully_shard) instead of replicating the model; "
+                        "the update is the replicated one's")
 
 
 _GRPO = {"riel.loss": "clipped", "riel.advantage_scale": "group_std", "riel.positive_only": False,

@@ -16,7 +16,21 @@ What the training step sends across ranks (meml/riel.py, meml/mef.py, meml/evalu
 - evaluation results are gathered (`all_gather_objects`) and rank 0 reports them.
 Collectives run under the process group's timeout, so a rank that stops answering fails the run
 instead of hanging it.
+
+Sharded instead of replicated (`--fsdp`, `shard_model`): PyTorch's FSDP2 (`fully_shard`) splits
+every decoder layer's weights, and the embedding, head and final norm, across ranks; a forward
+all-gathers a layer's weights and frees them after, a backward reduce-scatters its gradients,
+and AdamW keeps only each rank's shard of its states. Three rules keep it the same update as the
+replicated model's and keep it from hanging:
+- gradients are *summed* over ranks, as `sum_gradients` does (FSDP2's default is the mean);
+- every rank runs the same number of forward and backward passes, since each one is a
+  collective: meml/riel.py pads a rank's shorter list of micro-batches with zero-weight ones;
+- generation runs inside `gathered(model)`: every weight is gathered once and kept until the
+  rollouts are done, so decoding (whose number of steps differs by rank) runs no collective.
+Checkpoints hold full tensors (`full_state_dict`, `full_optimizer_state`): the same HF files and
+trainer_state.pt as a replicated run, so a sharded run resumes replicated and the other way.
 """
+import contextlib
 import datetime
 import os
 import sys
@@ -113,10 +127,20 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+def all_reduce_max(values: list[int]) -> list[int]:
+    """The element-wise maximum over ranks of a list of integers (the same length everywhere)."""
+    out = torch.tensor(values, dtype=torch.long)
+    if dist.is_initialized():
+        out = out.to(_device())
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out.cpu().tolist()
+
+
 def sum_gradients(model) -> None:
     """Sum every parameter's gradient over ranks (a rank that scored nothing contributes
-    zeros), in one flattened all-reduce."""
-    if not dist.is_initialized():
+    zeros), in one flattened all-reduce. A sharded model's gradients were summed by FSDP2's
+    reduce-scatter already."""
+    if not dist.is_initialized() or is_sharded(model):
         return
     params = [p for p in model.parameters() if p.requires_grad]
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
@@ -132,3 +156,89 @@ def _device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2 (--fsdp)
+
+def shard_model(model) -> None:
+    """Shard `model` (meml.model.Transformer) across the ranks with FSDP2: one unit per decoder
+    layer, and the root (embedding, final norm, head) as one more. Gradients are summed, not
+    averaged (every rank's loss is already its share of the one global loss)."""
+    from torch.distributed.fsdp import fully_shard
+    if world_size() == 1:
+        raise InputError("--fsdp shards the model across torchrun's processes; a world of one has nothing "
+                         "to shard (start it with torchrun --nproc_per_node N, N > 1)")
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    for unit in _fsdp_units(model):
+        unit.set_gradient_divide_factor(1.0)        # a sum ...
+        unit.set_force_sum_reduction_for_comms(True)  # ... as a plain SUM (gloo has no pre-scaled one)
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def _fsdp_units(model) -> list:
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Inside: a sharded model holds all its weights, gathered once on entry and freed on exit,
+    so forwards in between (decoding, whose steps differ by rank) run no collective. Every rank
+    must enter it at the same point. Nothing for a replicated model."""
+    if not dist.is_initialized() or not is_sharded(model):
+        yield
+        return
+    units = _fsdp_units(model)
+    layers = [u for u in units if u is not model]  # the root keeps its weights after a forward anyway
+    for unit in units:
+        unit.unshard()
+    for layer in layers:
+        layer.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.set_reshard_after_forward(True, recurse=False)
+        for unit in units:
+            unit.reshard()
+
+
+def _full(value):
+    """A sharded tensor (DTensor) gathered whole on every rank; anything else as it is."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
+def full_state_dict(model) -> dict:
+    """The model's state dict with whole tensors (a collective under FSDP: every rank calls it)."""
+    return {name: _full(t) for name, t in model.state_dict().items()}
+
+
+def full_optimizer_state(optimizer) -> dict:
+    """optimizer.state_dict() with whole tensors: what a replicated run saves (every rank calls it)."""
+    state = optimizer.state_dict()
+    return {"state": {i: {k: _full(v) for k, v in s.items()} for i, s in state["state"].items()},
+            "param_groups": state["param_groups"]}
+
+
+def shard_optimizer_state(state: dict, optimizer) -> dict:
+    """A saved (whole-tensor) optimizer state cut to this rank's shards of a sharded model's
+    parameters, ready for optimizer.load_state_dict (no communication: every rank read the
+    same file). A replicated model's state is returned as it is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not any(isinstance(p, DTensor) for p in params):
+        return state
+    out = {}
+    for i, s in state["state"].items():
+        p = params[i]
+        out[i] = {k: distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
+                  if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape else v
+                  for k, v in s.items()}
+    return {"state": out, "param_groups": state["param_groups"]}

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from meml import distributed
 from meml.model import Transformer
-from meml.sampler import generate
+from meml.sampler import generate, int64_bits
 from meml.tokenizer import Tokenizer
 
 
@@ -43,26 +44,39 @@ class Completions:
 @torch.no_grad()
 def complete(model, tokenizer, conversations: list, *, max_new_tokens: int = 256,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 64,
-             generator: torch.Generator | None = None, return_entropy: bool = False) -> Completions:
+             generator: torch.Generator | None = None, return_entropy: bool = False,
+             row_keys: list[int] | None = None) -> Completions:
     """Generate one completion per conversation, `batch_size` rows per sampler call.
 
     conversations: each a list of {"role", "content"} messages, or a string (one user message).
     temperature 0 is greedy; otherwise draws follow temperature -> top-k -> top-p from
-    `generator` (meml/sampler.py), which is also where the reported log-probs are defined.
+    `generator` (meml/sampler.py), which is also where the reported log-probs are defined;
+    or, given row_keys (one 64-bit integer per conversation, `meml.sampler.stream_key`), from
+    those keys, so that each completion is the same in any batch.
     """
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": c}] if isinstance(c, str) else c,
                                              add_generation_prompt=True) for c in conversations]
     out = Completions([], prompts, [], [], [], [] if return_entropy else None)
+    with distributed.gathered(model):  # a sharded model: weights gathered once, not per token
+        _generate_into(out, model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, batch_size,
+                       generator, return_entropy, row_keys)
+    out.texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in out.completion_ids]
+    return out
+
+
+def _generate_into(out: Completions, model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p,
+                   batch_size, generator, return_entropy, row_keys) -> None:
+    device = model.output_weight.device
     for start in range(0, len(prompts), batch_size):
+        keys = None if row_keys is None else \
+            torch.tensor([int64_bits(k) for k in row_keys[start:start + batch_size]], dtype=torch.long, device=device)
         gen = generate(model, prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
                        stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size,
                        temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                       return_entropy=return_entropy)
+                       return_entropy=return_entropy, row_keys=keys)
         for row, (ids, mask) in enumerate(zip(gen.completion_ids, gen.completion_mask)):
             out.completion_ids.append(ids[mask].tolist())
             out.logprobs.append(gen.logprobs[row][mask].float().cpu())
             out.finished.append(bool(gen.finished[row]))
             if return_entropy:
                 out.entropy.append(gen.entropy[row][mask].cpu())
-    out.texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in out.completion_ids]
-    return out

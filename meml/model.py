@@ -309,17 +309,19 @@ class Transformer(nn.Module):
         model.tie_weights()  # assign=True replaced the embedding parameter; point the head at it again
         return model
 
-    def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """The state dict under the checkpoint's names: qkv_proj split back into q/k/v_proj
-        (copies), and no lm_head.weight when tied (HF does not store the head then)."""
-        state = split_projections(self.state_dict(), self.config)
+    def hf_state_dict(self, state: dict | None = None) -> dict[str, torch.Tensor]:
+        """The state dict (default: this model's own) under the checkpoint's names: qkv_proj
+        split back into q/k/v_proj (copies), and no lm_head.weight when tied (HF does not store
+        the head then)."""
+        state = split_projections(self.state_dict() if state is None else state, self.config)
         if self.config.tie_word_embeddings:
             del state["lm_head.weight"]
         return state
 
-    def save_pretrained(self, path, dtype: torch.dtype | None = None):
+    def save_pretrained(self, path, dtype: torch.dtype | None = None, state: dict | None = None):
         """Write config.json + model.safetensors that transformers loads unchanged (atomic per
-        file), the tensors in `dtype` (None: the weights' own)."""
+        file), the tensors in `dtype` (None: the weights' own). `state`: whole tensors to write
+        instead of this model's own (a sharded model's, gathered by meml.distributed)."""
         dtype = dtype or self.model.embed_tokens.weight.dtype
-        state = {k: v.detach().to(dtype).contiguous() for k, v in self.hf_state_dict().items()}
+        state = {k: v.detach().to(dtype).contiguous() for k, v in self.hf_state_dict(state).items()}
         write_checkpoint(path, state, {**self.config.to_dict(), "torch_dtype": str(dtype).removeprefix("torch.")})

@@ -86,7 +86,7 @@ def plot_method(runs: list[list[dict]], title: str, path: Path) -> Path:
                 ax.fill_between(steps, low, high, alpha=0.2)
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel("RIEL step")
-        if n > 1 and "{i}" in key:
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     spread = f"mean over {len(runs)} seeds, band: their range" if len(runs) > 1 else "one run"
     fig.suptitle(f"{title} ({spread})")
@@ -114,7 +114,8 @@ def plot_comparison(methods: dict[str, list[list[dict]]], key: str, how: str, ti
         ax.plot(steps, mean, label=name, marker="o" if how == "points" else None, markersize=3)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("RIEL step")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80, metadata={"Software": None})

@@ -34,6 +34,8 @@ the step yields after each of μ backward passes on the same rollouts and the ca
 optimizer in between, π_old staying the first update's (decision D21 says which π_old).
 The decisions this step makes where the paper is silent are D3-D13 and D21 in README.md.
 """
+import itertools
+import math
 import time
 from dataclasses import dataclass
 
@@ -49,6 +51,7 @@ from meml.losses import aggregation_denominator, clip_fraction, nll_loss, policy
 from meml.policy import completion_logprobs, pack
 from meml.prompts import expert_grid, expert_prompt, response_ids
 from meml.rewards import reward
+from meml.sampler import stream_key
 
 
 @dataclass
@@ -86,12 +89,17 @@ class Rollouts:
 # ---------------------------------------------------------------------------------------------
 # 2a, 2b, 2d
 
-def sample_rollouts(model, world: World, examples, cfg: RielConfig, generator) -> Rollouts:
-    """2a: N x G completions per question, each expert under its own system prompt."""
+def sample_rollouts(model, world: World, examples, cfg: RielConfig, step_key: int, first_question: int = 0) -> Rollouts:
+    """2a: N x G completions per question, each expert under its own system prompt. Rollout
+    (q, i, g) draws from its own key, stream_key(step_key, first_question + q, i, g): it is the
+    same whichever process samples it and whatever else is in its batch (D22)."""
     conversations, rows = expert_grid(examples, world.system_prompts, world.dataset, cfg.group_size)
+    keys = [0] * len(conversations)
+    for (q, i, g), row in zip(itertools.product(*map(range, rows.shape)), rows.flatten().tolist()):
+        keys[row] = stream_key(step_key, first_question + q, i, g)
     out = complete(model, world.tokenizer, conversations, max_new_tokens=cfg.max_new_tokens,
                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                   batch_size=cfg.rollout_batch_size, generator=generator, return_entropy=True)
+                   batch_size=cfg.rollout_batch_size, row_keys=keys, return_entropy=True)
     return Rollouts(rows, out.prompt_ids, out.completion_ids, out.logprobs, out.finished, out.texts, out.entropy)
 
 
@@ -270,11 +278,14 @@ def backward_e7(model, world: World, ro: Rollouts, rewards, advantages, sft_item
     micro_batches = [policy_micro_batches(model, world, ro, advantages, parts, d, cfg, ref_model, old_logprobs, stats),
                      inter_expert_micro_batches(model, world, ro, parts, d, cfg),
                      sft_micro_batches(model, world, parts, d, cfg)]
-    for generator in micro_batches:
+    idle = _idle_micro_batches(model, parts, cfg)  # a sharded model: every rank makes as many passes
+    for generator, missing, forwards_without_grad in zip(micro_batches, idle, (0, 1, 0)):
         for share in generator:
             total_loss(**share, lambda1=cfg.lambda1, lambda2=cfg.lambda2, beta=cfg.beta).backward()  # E7
             for name, value in share.items():
                 values[name] += value.item()
+        for _ in range(missing):
+            _idle_pass(model, world.tokenizer, forwards_without_grad)
     # every rank holds its share of each part and statistic: their sums are the step's
     sums = {**values, **{k: stats[k] for k in ("clip_ratio", "clip_tokens", "gap_sum", "gap_tokens")}}
     sums = dict(zip(sums, distributed.all_reduce_sum(list(sums.values())).tolist()))  # one all-reduce
@@ -288,6 +299,29 @@ def backward_e7(model, world: World, ro: Rollouts, rewards, advantages, sft_item
                "inter_expert/active_questions": d.inter_expert,
                "buffer/gold_fallbacks": int(distributed.all_reduce_sum(fallbacks))}
     return metrics, stats["recomputed"]
+
+
+def _idle_micro_batches(model, parts: PartRows, cfg: RielConfig) -> list[int]:
+    """Per part (E3/E4, E5, E6): how many micro-batches fewer than the busiest rank's this rank
+    has. FSDP2 (--fsdp) makes every forward and backward a collective, so a rank with fewer
+    (no row with a nonzero advantage, no E5 question, fewer SFT items) must still make that many
+    passes, with zero weight. Zeros for a replicated model, which waits only at the gradient sum."""
+    if not distributed.is_sharded(model):
+        return [0, 0, 0]
+    mine = [math.ceil(len(parts.policy_rows) / cfg.micro_batch_size),
+            len(_whole_questions(parts.plus_question, cfg.micro_batch_size)),
+            math.ceil(len(parts.sft_targets) / cfg.micro_batch_size)]
+    return [most - n for most, n in zip(distributed.all_reduce_max(mine), mine)]
+
+
+def _idle_pass(model, tok, forwards_without_grad: int) -> None:
+    """The passes of one micro-batch, on one token and with weight 0: the same collectives as a
+    real one (E5's micro-batches score O+ under P+ without a graph first), a zero gradient."""
+    batch = pack([[tok.eot_id]], [[tok.eot_id]], tok.pad_id, device=model.output_weight.device)
+    with torch.no_grad():
+        for _ in range(forwards_without_grad):
+            completion_logprobs(model, batch, vocab_limit=tok.vocab_size)
+    (0.0 * completion_logprobs(model, batch, vocab_limit=tok.vocab_size).sum()).backward()
 
 
 def _whole_questions(question: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -348,11 +382,12 @@ def riel_metrics(ro: Rollouts, rewards: torch.Tensor, advantages: torch.Tensor) 
     return out
 
 
-def riel_step(model, world: World, examples, cfg: RielConfig, generator: torch.Generator,
+def riel_step(model, world: World, examples, cfg: RielConfig, step_key: int,
               buffer: HardExampleBuffer | None, examples_by_id: dict, ref_model=None):
     """Stages 2a-2e for one batch of questions. Yields (E7's value, metrics) after each of the
     cfg.num_iterations backward passes on the same rollouts: the caller takes an optimizer step
-    (meml/trainer.py) before the next one.
+    (meml/trainer.py) before the next one. step_key: the step's random key (`stream_key(seed,
+    step)`), from which every rollout of the step draws (`sample_rollouts`).
 
     Across processes (meml/distributed.py) every rank gets the whole batch and works on its
     contiguous share of the questions: all N x G rollouts of a question stay on one rank, so its
@@ -361,7 +396,8 @@ def riel_step(model, world: World, examples, cfg: RielConfig, generator: torch.G
     t0 = time.time()
     model.eval()
     mine = distributed.shard(examples, "--questions-per-step")
-    ro = sample_rollouts(model, world, mine, cfg, generator)                             # 2a
+    first = distributed.rank() * len(mine)                  # this rank's questions in the step
+    ro = sample_rollouts(model, world, mine, cfg, step_key, first)                       # 2a
     t1 = time.time()
     rewards = distributed.all_gather_tensor(score_rollouts(ro, world, mine))              # 2b [Q, N, G]
     advantages = group_advantages(rewards, scale=cfg.advantage_scale, eps=cfg.advantage_eps,
@@ -370,7 +406,6 @@ def riel_step(model, world: World, examples, cfg: RielConfig, generator: torch.G
     t2 = time.time()
     model.train()
     rollout_metrics = riel_metrics(ro, rewards, advantages)
-    first = distributed.rank() * len(mine)                  # this rank's questions in the step
     rewards, advantages = rewards[first:first + len(mine)], advantages[first:first + len(mine)]
     my_items = sft_items[distributed.rank()::distributed.world_size()]  # the buffer's SFT, split
     generated = int(distributed.all_reduce_sum(sum(len(c) for c in ro.completions)))

@@ -91,8 +91,49 @@ def top_p_filter(logits: torch.Tensor, p: float, candidates: int = 1024) -> torc
     return logits.masked_fill(~keep, float("-inf"))
 
 
+# ---------------------------------------------------------------------------------------------
+# Keyed draws: a row's random numbers from its own key, whatever batch it is in
+
+_MASK64 = (1 << 64) - 1
+_GAMMA, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # splitmix64
+
+
+def _splitmix64(x: int) -> int:
+    """Steele, Lea and Flood's splitmix64 output function on Python integers (exact)."""
+    z = (x + _GAMMA) & _MASK64
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def stream_key(*parts: int) -> int:
+    """One 64-bit key from integers such as (seed, step, question, expert, rollout)."""
+    key = 0
+    for part in parts:
+        key = _splitmix64(key ^ (part & _MASK64))
+    return key
+
+
+def int64_bits(value: int) -> int:
+    """An unsigned 64-bit value as the int64 with the same bits."""
+    value &= _MASK64
+    return value - (1 << 64) if value >> 63 else value
+
+
+def keyed_uniforms(keys: torch.Tensor, counter: int) -> torch.Tensor:
+    """U(0, 1] float64 [B], row b's from (keys[b], counter) alone: splitmix64 of
+    keys[b] + counter·γ, in int64 arithmetic (which wraps modulo 2^64; a right shift is made
+    logical with a mask). Row b's numbers are the same in any batch, at any position."""
+    z = keys + int64_bits((counter + 1) * _GAMMA)
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * int64_bits(_MIX1)
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * int64_bits(_MIX2)
+    z = z ^ ((z >> 31) & ((1 << 33) - 1))
+    top53 = (z >> 11) & ((1 << 53) - 1)
+    return 1.0 - top53.double() * 2.0 ** -53
+
+
 def draw_from(probs: torch.Tensor, generator: torch.Generator | None = None,
-              block: int = 1024) -> torch.Tensor:
+              block: int = 1024, uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """One id per row of probs [B, V] (rows sum to > 0), by inverse-CDF sampling: ids [B] long.
 
     Draw u ~ U(0, total mass] and return the first id whose cumulative mass reaches u, so id i
@@ -101,7 +142,7 @@ def draw_from(probs: torch.Tensor, generator: torch.Generator | None = None,
     first over blocks of `block` ids, then inside the chosen block, because one float64 cumsum
     over all 151,665 ids of Qwen's vocabulary is slow on CPU. `torch.multinomial(probs, 1)` gives
     the same distribution but draws one exponential per vocabulary id (~20 ms per 8 rows there,
-    vs < 1 ms here).
+    vs < 1 ms here). uniforms [B] in (0, 1]: use these instead of drawing from `generator`.
     """
     B, V = probs.shape
     n_blocks = -(-V // block)
@@ -109,7 +150,9 @@ def draw_from(probs: torch.Tensor, generator: torch.Generator | None = None,
     block_cdf = blocks.sum(-1, dtype=torch.float64).cumsum(-1)                 # [B, n_blocks]
     total = block_cdf[:, -1:]                                                   # [B, 1]
     # 1 - U[0, 1) lies in (0, 1]: u > 0, so the first id whose cumsum reaches u has p > 0
-    u = (1 - torch.rand(B, 1, dtype=torch.float64, device=probs.device, generator=generator)) * total
+    if uniforms is None:
+        uniforms = 1 - torch.rand(B, dtype=torch.float64, device=probs.device, generator=generator)
+    u = uniforms.to(device=probs.device, dtype=torch.float64)[:, None] * total
     chosen = torch.searchsorted(block_cdf, u).clamp(max=n_blocks - 1)         # [B, 1]
     mass_before = torch.where(chosen > 0, block_cdf.gather(-1, (chosen - 1).clamp(min=0)), 0.0)
     in_block = blocks.gather(1, chosen[:, :, None].expand(B, 1, block)).squeeze(1)  # [B, block]
@@ -121,7 +164,7 @@ def draw_from(probs: torch.Tensor, generator: torch.Generator | None = None,
 
 def sample_next_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
                       top_p: float = 1.0, generator: torch.Generator | None = None,
-                      return_entropy: bool = False):
+                      return_entropy: bool = False, uniforms: torch.Tensor | None = None):
     """Draw one id per row from logits [B, V]; return (ids [B] long, logprobs [B] float32), and
     with return_entropy the entropy [B] float32 of log softmax(logits / T).
 
@@ -136,7 +179,7 @@ def sample_next_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: 
         scaled = scale_by_temperature(logits, temperature)  # [B, V] float32
         filtered = top_p_filter(top_k_filter(scaled, top_k), top_p)
         probs = torch.softmax(filtered, dim=-1)
-        ids = draw_from(probs, generator)  # [B]
+        ids = draw_from(probs, generator, uniforms=uniforms)  # [B]
     log_probs = torch.log_softmax(scaled, dim=-1)  # [B, V]
     logprobs = log_probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     if return_entropy:
@@ -173,7 +216,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: 
              pad_id: int, vocab_limit: int | None = None, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0,
              generator: torch.Generator | None = None, return_entropy: bool = False,
-             share_prefill: bool = True) -> Generation:
+             share_prefill: bool = True, row_keys: torch.Tensor | None = None) -> Generation:
     """Generate up to max_new_tokens for each prompt (token id lists of any lengths).
 
     temperature 0 is greedy; otherwise draws follow temperature -> top-k -> top-p from
@@ -183,6 +226,9 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: 
     return_entropy: also the entropy of each step's distribution (the policy's health check).
     share_prefill: prefill each distinct prompt once (False: every row, for the equality test
     and bench/bench_prefill.py).
+    row_keys [B] int64: instead of `generator`, row b's t-th draw is keyed_uniforms(row_keys[b], t),
+    so a row's samples depend on its key and prompt, not on the batch it is in (RIEL keys a
+    rollout by seed, step, question, expert and rollout index: the same at any world size).
     """
     weight = model.output_weight  # [V, H]
     device = weight.device
@@ -237,8 +283,10 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: 
         steps = 0
         while steps < max_new_tokens:
             logits = hidden[:, -1] @ weight.T  # [B, vocab_limit]
+            uniforms = None if row_keys is None else keyed_uniforms(row_keys, steps)
             drawn = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                      generator=generator, return_entropy=return_entropy)  # [B] each
+                                      generator=generator, return_entropy=return_entropy,
+                                      uniforms=uniforms)  # [B] each
             ids = torch.where(done, pad_id, drawn[0])  # finished rows emit pad (masked out below)
             completion_ids[:, steps] = ids
             logprobs[:, steps] = drawn[1]

@@ -84,13 +84,15 @@ def lr_at(step: int, stage: Stage) -> float:
     return stage.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def trainer_state(stage: Stage, step: int, optimizer, carry: dict, model) -> dict:
+def trainer_state(stage: Stage, step: int, optimizer, carry: dict, model, weights: dict) -> dict:
+    """What resume needs; weights: the model's whole-tensor state dict. Every rank calls it (a
+    sharded model's optimizer states are gathered whole)."""
     weights_dtype = next(model.parameters()).dtype
-    masters = {"master_weights": model.state_dict()} if stage.save_dtype not in (None, weights_dtype) else {}
+    masters = {"master_weights": weights} if stage.save_dtype not in (None, weights_dtype) else {}
     return {**masters,
         "stage": stage.name,
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": distributed.full_optimizer_state(optimizer),
         "torch_rng": torch.get_rng_state(),
         "generators": {k: g.get_state() for k, g in stage.generators.items()},  # rank 0's
         "generators_by_rank": distributed.all_gather_objects({k: g.get_state() for k, g in stage.generators.items()}),
@@ -104,7 +106,7 @@ def restore(state: dict, stage: Stage, optimizer) -> int:
     if state["stage"] != stage.name:
         raise ValueError(f"checkpoint is from stage {state['stage']!r}, not {stage.name!r}")
     try:
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(distributed.shard_optimizer_state(state["optimizer"], optimizer))
     except ValueError as err:  # e.g. saved before q/k/v_proj became one qkv_proj (3 tensors, now 1)
         raise ValueError(f"its optimizer state does not fit this model's parameters ({err}); it was "
                          "written for another model layout, e.g. by a meml from before q/k/v_proj "
@@ -201,10 +203,11 @@ def run_stage(stage: Stage, model, optimizer, step_fn, *, run_dir: Path, tokeniz
             if main and ((step + 1) % log_every == 0 or step + 1 == stage.total_steps):
                 print_fn(_progress_line(stage, step + 1, metrics, eta))
             if (step + 1) % stage.save_every == 0 or step + 1 == stage.total_steps:
-                state = trainer_state(stage, step + 1, optimizer, carry, model)  # every rank: gathers
+                weights = distributed.full_state_dict(model)  # every rank: gathers a sharded model
+                state = trainer_state(stage, step + 1, optimizer, carry, model, weights)
                 if main:
                     save_checkpoint(run_dir, stage.step_offset + step + 1, model, tokenizer_dir, state,
-                                    dtype=stage.save_dtype)
+                                    dtype=stage.save_dtype, weights=weights)
                 distributed.barrier()  # no rank runs ahead of a checkpoint it may resume from
 
 
@@ -229,6 +232,7 @@ def _checked_grad_norm(stage: Stage, model, step: int, loss, metrics: dict, run_
             f"the weights were not updated and the last checkpoint in {run_dir} is intact")
     distributed.sum_gradients(model)  # every rank's share of the one loss: their sum is its gradient
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # sharded (FSDP2)
     if not torch.isfinite(grad_norm):
         raise LossNotFinite(
             f"[{stage.name}] gradient norm became {grad_norm.item()} at step {step + 1} "

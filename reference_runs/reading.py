@@ -1,12 +1,77 @@
-"""The hand-written part of reference_runs/README.md: what the tables mean. Words only: every
-number the README shows is computed by report.py from the run folders."""
+"""The hand-written part of reference_runs/README.md: the setting, what the tables say, and the
+commands for real data. Words only: every number the README shows about the runs is computed by
+report.py from the run folders."""
 
-READING = {
-    "setting": "(the setting: to be written)",
-    "main": "(reading: to be written when the runs are in)",
-    "pairs": "",
-    "sweep": "",
-    "label_free": "",
-    "overlap": "",
-    "real_data": "",
-}
+SETTING = """\
+**The setting.** The built-in synthetic arithmetic world (`meml/synthetic.py`): word problems of
+one, two and three steps (difficulty 1-3, a third each), three programmatic teachers that solve
+every problem correctly in different formats (expert 0 = the gold "steps" solution, expert 1 one
+compact expression, expert 2 gains and losses totalled first), a 0.38M-parameter Qwen2-layout
+model trained from scratch. Each seed is a different world sample (problems, tokenizer, model
+initialisation), so the spread over seeds includes the data. The settings are `train.py`'s
+synthetic defaults (MEF 2400 steps of 16 answers at lr 3e-3 with cosine decay; RIEL 200 steps of
+8 questions x G = 8 rollouts per expert at lr 1e-4, K = 6, B = 16, λ1 = 0.1, λ2 = 1), chosen in
+November to make the world learnable on a CPU and left unchanged for these runs. Every
+evaluation is greedy on 1000 held-out questions of the seed's world; 300 further held-out
+questions serve only to choose an expert (the dev split); learning curves use the first 150
+held-out questions every 25 RIEL steps.
+
+How the paper's methods map here: ExpertX-SFT is MEF on expert X's answers alone (one system
+prompt); MoE-SFT is MEF on all three; the GRPO baselines are clipped GRPO (group-std advantages,
+β = 0.04) and Dr.GRPO (A = r − mean, no β, the sum over tokens ÷ batch·max-length) from the
+matching SFT checkpoint; MEML-GRPO is the paper's E3 (on-policy, max(A, 0)) with E5 and E6. The
+RIEL methods that start from MoE-SFT start from the same MEF checkpoint of their seed
+(`--init-from`), so their differences are RIEL's alone. "Without MEF" cannot start from random
+weights here (nothing would ever be right): it starts from Expert0-SFT, a model that learned the
+task from the data set's own solutions under one prompt, as the paper's base model knows
+mathematics without having seen the teachers, and runs MEML's RIEL with all three expert prompts
+on it. "E3 only" is MEML's RIEL without E5 and E6: the bottom of the ablation ladder (MoE-SFT,
+then the paper's GRPO, then + buffer / + inter-expert, then both)."""
+
+MAIN = """\
+(reading: to be written when the runs are in)"""
+
+PAIRS = ""
+SWEEP = ""
+LABEL_FREE = ""
+OVERLAP = ""
+
+REAL_DATA = """\
+Nothing here has been run on real data or on a GPU: this project has no real weights and no GPU
+has been lent to it (README.md, "Precision"). The commands below are what a user with the
+checkpoints runs; folder names are placeholders for local folders, nothing is downloaded. The
+paper's settings are train.py's defaults for a real checkpoint (MEF lr 1e-5, RIEL lr 1e-6, one
+epoch each, G = 8, K = 6, B = 64, λ1 = 0.1, λ2 = 1).
+
+Teacher data. The paper's experts 1 and 2 are answers from DeepSeek-R1 and Doubao-1.5-thinking;
+with their answers in JSONL (`{"id", "expert", "response"}`, ids as README.md describes) pass
+`--expert-data` files; with local teacher checkpoints `--teacher DIR` generates and verifies them
+(written to the run folder as expert1.jsonl, expert2.jsonl):
+
+    python train.py --model Qwen2.5-Math-1.5B --dataset gsm8k --data gsm8k/train.jsonl \\
+        --teacher TEACHER1 --teacher TEACHER2 --preset moe-sft --output runs/gsm8k-moe-sft
+
+MEF (MoE-SFT) and ExpertX-SFT, then every RIEL method from its SFT run (`--dataset mathqa
+--data MathQA/train.json` and `--dataset strategyqa --data strategyqa_train.json` likewise;
+`--model Llama-3.2-1B-Instruct` for the paper's second model):
+
+    python train.py --model Qwen2.5-Math-1.5B --dataset gsm8k --data gsm8k/train.jsonl \\
+        --expert-data runs/gsm8k-moe-sft/expert1.jsonl --expert-data runs/gsm8k-moe-sft/expert2.jsonl \\
+        --preset moe-sft --output runs/gsm8k-moe-sft          # or: --preset expert-sft --expert X
+    python train.py ...same data flags... --preset meml-grpo --init-from runs/gsm8k-moe-sft \\
+        --output runs/gsm8k-meml    # or moe-sft-grpo, moe-sft-dr-grpo, meml-no-buffer, meml-no-iml;
+                                    # expert-sft-grpo / -dr-grpo --expert X from the ExpertX-SFT run
+    python evaluate.py --model runs/gsm8k-meml/checkpoint-NNNNNN --data gsm8k/test.jsonl --pass-k 0
+
+On one GPU add `--device cuda --dtype bfloat16`; on 8 (the paper's setup) start the same command
+with `torchrun --standalone --nproc_per_node 8` and add `--questions-per-step 8
+--mef-batch-size 64` (README.md, "Several processes"); `--fsdp` shards a model too large to
+replicate. Memory, from parameter counts (not measured on a GPU): a replicated 1.5B model with
+fp32 master weights and AdamW needs ~25 GB per device before activations (weights 6 GB,
+gradients 6 GB, AdamW 12 GB), which fits an 80 GB device; the 1B Llama ~16 GB. Time: the only
+measurement at a real shape is on this project's 2-core CPU (one RIEL step at Qwen2.5-0.5B's
+shape, 2 prompts x G = 8 x 32 tokens: ~52 s, LOG "issue 11"), which says nothing useful about a
+GPU; `python -m bench.gpu_check` prints the GPU figures when run on one."""
+
+READING = {"setting": SETTING, "main": MAIN, "pairs": PAIRS, "sweep": SWEEP, "label_free": LABEL_FREE,
+           "overlap": OVERLAP, "real_data": REAL_DATA}

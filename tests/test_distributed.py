@@ -70,7 +70,7 @@ BOTH_ACTIVE = torch.tensor([[[1, 1, 0], [1, 0, 0], [0, 0, 0]],
                             [[0, 0, 0], [1, 0, 1], [0, 1, 0]]], dtype=torch.float)
 
 
-def _e7_step(model, world, ref, rows_of, rewards, items, aggregation):
+def _e7_step(model, world, ref, rows_of, rewards, items, aggregation, beta=0.1):
     """backward_e7 on the given questions' rollouts; returns the gradients."""
     from meml.advantage import group_advantages
     from meml.config import RielConfig
@@ -81,7 +81,7 @@ def _e7_step(model, world, ref, rows_of, rewards, items, aggregation):
     local = Rollouts(torch.arange(len(keep)).view(len(rows_of), 3, G), [ro.prompts[r] for r in keep],
                      [ro.completions[r] for r in keep], [ro.old_logprobs[r] for r in keep], [True] * len(keep),
                      [""] * len(keep), [torch.zeros(1)] * len(keep))
-    cfg = RielConfig(group_size=G, aggregation=aggregation, beta=0.1, lambda1=0.5, lambda2=2.0, micro_batch_size=4,
+    cfg = RielConfig(group_size=G, aggregation=aggregation, beta=beta, lambda1=0.5, lambda2=2.0, micro_batch_size=4,
                      max_new_tokens=14, loss="clipped")
     model.zero_grad()
     metrics, _ = backward_e7(model, world, local, rewards[rows_of], advantages, items, BY_ID, cfg, ref)
@@ -111,6 +111,31 @@ def test_riel_gradients_at_world_size_2_equal_world_size_1(tmp_path, aggregation
         for key in ("loss/policy", "loss/ref_kl", "loss/inter_expert_kl", "loss/sft", "loss/total"):
             assert got["metrics"][key] == pytest.approx(single[key], rel=1e-6, abs=1e-9), key
         assert got["metrics"]["inter_expert/active_questions"] == single["inter_expert/active_questions"] == active
+
+
+def _fsdp_gradients_worker(rank, tmp, beta):
+    from meml import distributed
+    model, world, ref = _world(tmp)
+    distributed.shard_model(model)
+    metrics = _e7_step(model, world, ref, [rank], REWARDS, SFT_ITEMS[rank::2], "token_mean", beta)
+    distributed.sum_gradients(model)  # nothing for a sharded model: its reduce-scatter summed them
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    torch.save({"grads": grads, "metrics": metrics}, os.path.join(tmp, f"rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1], ids=["rank1-without-policy-rows", "beta"])
+def test_fsdp2_riel_gradients_at_world_size_2_equal_world_size_1(tmp_path, beta):
+    """The same step with the model sharded by FSDP2 (--fsdp). Rank 1 has no E5 question, one SFT
+    item against rank 0's two, and with β = 0 no policy row at all: it pads with zero-weight
+    micro-batches, or the step would hang."""
+    run_ranks(_fsdp_gradients_worker, tmp_path, beta)
+    model, world, ref = _world(str(tmp_path))
+    single = _e7_step(model, world, ref, [0, 1], REWARDS, SFT_ITEMS, "token_mean", beta)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for name, p in model.named_parameters():
+            assert torch.allclose(got["grads"][name], p.grad, atol=1e-6, rtol=1e-4), (rank, name)
+        assert got["metrics"]["loss/total"] == pytest.approx(single["loss/total"], rel=1e-6)
 
 
 def _buffer_worker(rank, tmp):
@@ -237,3 +262,54 @@ def test_a_killed_2_process_run_resumes_exactly_and_checkpoints_resume_at_anothe
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((whole / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+
+
+def test_fsdp2_training_equals_the_replicated_model_and_resumes_exactly(tmp_path):
+    """train.py --fsdp on 2 processes: MEF and RIEL (rollouts and learning-curve evaluations
+    generated with the weights gathered once) end at the replicated run's weights, up to
+    summation order; its checkpoints hold whole tensors, so a resumed run ends bit for bit as
+    the uninterrupted one."""
+    from safetensors.torch import load_file
+    args = RIEL_ARGS + ["--eval-every", "2", "--curve-size", "2"]
+    runs = {}
+    for name, extra in (("replicated", []), ("fsdp", ["--fsdp"])):
+        cmd, env = _launch(tmp_path, 2, ["--output", str(tmp_path / name)] + args + extra)
+        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = load_file(str(tmp_path / name / "checkpoint-000006" / "model.safetensors"))
+    for name in runs["replicated"]:
+        assert torch.allclose(runs["replicated"][name], runs["fsdp"][name], atol=1e-5, rtol=1e-4), name
+    fsdp = tmp_path / "fsdp"
+    subprocess.run(["rm", "-rf", str(fsdp / "checkpoint-000006"), str(fsdp / "results.json")], check=True)
+    cmd, env = _launch(tmp_path, 2, ["--resume", str(fsdp)])
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = load_file(str(fsdp / "checkpoint-000006" / "model.safetensors"))
+    assert all(torch.equal(resumed[name], runs["fsdp"][name]) for name in resumed)
+
+
+def test_fsdp_in_one_process_is_an_error_naming_the_flag(tmp_path):
+    cmd, env = _launch(tmp_path, 1, ["--output", str(tmp_path / "run"), "--fsdp", "--mef-steps", "1", "--train-size", "16"])
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "train.py: --fsdp shards the model" in done.stderr
+
+
+def test_a_question_samples_the_same_rollouts_at_any_world_size(tmp_path):
+    """Rollouts draw from keys of (seed, step, question, expert, rollout) (D22): one process and
+    two sample the same completions, so their RIEL steps see the same rewards and lengths and
+    end at the same weights (up to the order of the gradient sum)."""
+    from safetensors.torch import load_file
+    lines, weights = {}, {}
+    for nproc in (1, 2):
+        out = tmp_path / f"world{nproc}"
+        cmd, env = _launch(tmp_path, nproc, ["--output", str(out)] + RIEL_ARGS)
+        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines[nproc] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                        if '"riel"' in line]
+        weights[nproc] = load_file(str(out / "checkpoint-000006" / "model.safetensors"))
+    for key in ("reward", "completions/mean_length", "buffer/insertions", "entropy"):
+        assert [r[key] for r in lines[1]] == pytest.approx([r[key] for r in lines[2]], rel=1e-5), key
+    assert len({r["completions/mean_length"] for r in lines[1]}) > 1  # the steps sample different things
+    for name in weights[1]:
+        assert torch.allclose(weights[1][name], weights[2][name], atol=1e-5, rtol=1e-4), name

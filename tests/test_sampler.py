@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from meml.sampler import (draw_from, generate, is_stop, sample_next_token, scale_by_temperature,
+from meml.sampler import (draw_from, generate, int64_bits, is_stop, keyed_uniforms, sample_next_token,
+                          scale_by_temperature, stream_key,
                           top_k_filter, top_p_filter)
 
 # ---------------------------------------------------------------------------------------------
@@ -290,6 +291,48 @@ def test_seeded_sampling_is_reproducible_through_generate(checkpoint):
     for field in ("completion_ids", "completion_mask", "finished", "logprobs"):
         assert torch.equal(getattr(a, field), getattr(b, field))
     assert not torch.equal(a.completion_ids, c.completion_ids)
+
+
+def _splitmix64_reference(state):
+    """splitmix64 as Steele, Lea and Flood publish it (Java's SplittableRandom), on Python ints:
+    advance the state by the golden gamma, then mix. Returns (new state, output)."""
+    state = (state + 0x9E3779B97F4A7C15) % 2 ** 64
+    z = state
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2 ** 64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2 ** 64
+    return state, z ^ (z >> 31)
+
+
+def test_keyed_uniforms_are_splitmix64_worked_in_python_integers():
+    """Row b's t-th number is output t+1 of splitmix64 started at key b (keys with the top bit
+    set included), its top 53 bits as 1 - k / 2^53: computed with torch's int64 arithmetic,
+    which must wrap exactly as unsigned 64-bit arithmetic does."""
+    keys = [0, 1, 12345, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1, stream_key(7, 3, 2, 1)]
+    as_tensor = torch.tensor([int64_bits(k) for k in keys], dtype=torch.long)
+    states = list(keys)
+    for t in range(4):
+        got = keyed_uniforms(as_tensor, t)
+        for b, key in enumerate(keys):
+            states[b], out = _splitmix64_reference(states[b])
+            assert got[b].item() == 1.0 - (out >> 11) / 2 ** 53, (key, t)
+    many = keyed_uniforms(torch.arange(200_000, dtype=torch.long) * 7919, 3)
+    assert 0 < many.min() and many.max() <= 1
+    assert abs(many.mean().item() - 0.5) < 0.003 and abs(many.var().item() - 1 / 12) < 0.002
+
+
+def test_keyed_rows_sample_the_same_in_any_batch(checkpoint):
+    """With row keys a row's completion depends on its key and prompt only: alone, in a batch,
+    in another order, the same ids; different keys, different samples."""
+    _, model, _ = checkpoint
+    kwargs = dict(max_new_tokens=10, stop_ids=[], pad_id=0, temperature=1.0, top_k=50)
+    keys = torch.tensor([int64_bits(stream_key(5, r)) for r in range(len(PROMPTS))], dtype=torch.long)
+    batch = generate(model, PROMPTS, row_keys=keys, **kwargs)
+    backwards = generate(model, PROMPTS[::-1], row_keys=keys.flip(0), **kwargs)
+    for r, prompt in enumerate(PROMPTS):
+        alone = generate(model, [prompt], row_keys=keys[r:r + 1], **kwargs)
+        assert row(batch, r) == row(alone, 0) == row(backwards, len(PROMPTS) - 1 - r)
+    other = generate(model, PROMPTS, row_keys=keys + 1, **kwargs)
+    assert not torch.equal(batch.completion_ids, other.completion_ids)
 
 
 def test_never_samples_ids_beyond_vocab_limit(checkpoint):
