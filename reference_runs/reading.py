@@ -32,6 +32,7 @@ MAIN = """\
 (reading: to be written when the runs are in)"""
 
 PAIRS = ""
+LADDER = ""
 SWEEP = ""
 LABEL_FREE = ""
 OVERLAP = ""
@@ -74,4 +75,4 @@ shape, 2 prompts x G = 8 x 32 tokens: ~52 s, LOG "issue 11"), which says nothing
 GPU; `python -m bench.gpu_check` prints the GPU figures when run on one."""
 
 READING = {"setting": SETTING, "main": MAIN, "pairs": PAIRS, "sweep": SWEEP, "label_free": LABEL_FREE,
-           "overlap": OVERLAP, "real_data": REAL_DATA}
+           "overlap": OVERLAP, "ladder": LADDER, "real_data": REAL_DATA}

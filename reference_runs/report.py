@@ -240,8 +240,33 @@ def pairs_table(groups) -> str:
         oracle = paired(groups[a], groups[b], oracle_per_question)
         rows.append([f"{a} − {b}", what, str(p.seeds), str(p), p.verdict(), str(hard), hard.verdict(),
                      str(vote), str(oracle)])
-    return table(["A − B", "measures", "seeds", "mean expert", "", "mean expert, d2 + d3", "", "majority",
+    return table(["A − B", "measures", "seeds", "mean expert", "verdict", "mean expert, d2 + d3", "verdict", "majority",
                   "oracle"], rows)
+
+
+LADDER = [("MoE-SFT", "MoE-SFT (no RIEL)"), ("MEML-GRPO E3 only", "RIEL with E3 only"),
+          ("MEML-GRPO w/o inter-expert", "+ buffer (E6)"), ("MEML-GRPO w/o buffer", "+ inter-expert (E5)"),
+          ("MEML-GRPO", "+ both: MEML-GRPO")]
+
+
+def ladder_table(groups) -> str:
+    """The paper's ablation ladder, every rung from the same MEF checkpoints; Δ against the rung
+    of E3 alone, paired."""
+    rows = []
+    base = groups.get("MEML-GRPO E3 only")
+    hard = lambda r: per_question(r, "2") + per_question(r, "3")  # noqa: E731
+    for group, label in LADDER:
+        runs = groups.get(group)
+        if not runs:
+            continue
+        delta = paired(runs, base, per_question) if base and group != "MEML-GRPO E3 only" else None
+        delta_hard = paired(runs, base, hard) if delta else None
+        rows.append([label, str(len(runs)), mean_sd([mean_expert(r.final) for r in runs]),
+                     mean_sd([mean(hard(r.final)) for r in runs]),
+                     mean_sd([r.final["majority_vote"] for r in runs]), mean_sd([r.final["oracle"] for r in runs]),
+                     str(delta) if delta else "", str(delta_hard) if delta_hard else ""])
+    return table(["rung", "seeds", "mean expert", "mean expert, d2 + d3", "majority", "oracle",
+                  "Δ mean expert vs E3 only", "Δ d2 + d3 vs E3 only"], rows)
 
 
 def sweep_group(lambda1: float, variant: str) -> str:
@@ -390,6 +415,12 @@ def render(groups, figures: list[tuple[str, str, object]]) -> str:
         "Differences in points, with two standard errors: over seeds / over questions.",
         "",
         riel_gain_table(groups),
+        "",
+        "## The ablation ladder (held-out accuracy, %; Δ in points, s.e. over seeds / questions)",
+        "",
+        ladder_table(groups),
+        "",
+        READING["ladder"],
         "",
         "## Paired differences between methods (points, same seeds and questions)",
         "",
