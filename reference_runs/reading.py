@@ -29,13 +29,58 @@ on it. "E3 only" is MEML's RIEL without E5 and E6: the bottom of the ablation la
 then the paper's GRPO, then + buffer / + inter-expert, then both)."""
 
 MAIN = """\
-(reading: to be written when the runs are in)"""
+**Reading.** Which of the paper's claims hold on this world, judged by the tables below (a
+difference counts when it exceeds twice its larger standard error):
+
+- *MoE-SFT beats training on one expert's data* (the paper's MEF claim): **does not hold here.**
+  Expert0-SFT, MEF on the gold "steps" solutions alone, is far ahead of every MoE-SFT expert and
+  of the MoE majority vote, mostly on two-step questions; Expert1-SFT and Expert2-SFT are level
+  with MoE-SFT's experts. The runs have equal compute (2400 steps of 16 answers), so one format
+  gets three times the steps of each format in MoE-SFT, and the 0.38M model is small enough for
+  that to matter. This world cannot say whether the paper's claim needs a model with capacity to
+  spare or teachers whose reasoning differs in more than its format.
+- *RIEL helps on hard questions*: **weakly.** From the shared MEF checkpoints, 200 RIEL steps
+  of MEML-GRPO add about a point to the mean expert, from two-step questions; three-step
+  questions stay near the floor for every method. The plain GRPO and Dr.GRPO baselines and RIEL
+  with E3 alone add nothing or lose a little.
+- *MEML-GRPO beats the RLVR baselines*: **within noise against GRPO**, ahead of Dr.GRPO.
+- *The hard-example buffer helps* (E6): **holds**, and it is the component that does: adding it
+  to E3 alone is the largest effect of the ladder, with or without E5.
+- *The inter-expert term helps* (E5): **does not hold at the paper's form and λ1 = 0.1**: alone
+  it is within noise or slightly harmful, and on top of the buffer it costs accuracy. Its
+  weighted loss is tens of times the policy loss (the λ1 section), and it makes the experts'
+  errors alike: the oracle's margin over the best expert shrinks by half (the last table).
+  Whether a smaller λ1 or the per-token form changes this is what the λ1 sweep is for.
+- *Without MEF the method loses* (the paper's ablation): **the opposite here**, for the reason
+  of the first point: "without MEF" starts from Expert0-SFT, the strongest SFT model, and its
+  RIEL mostly teaches the two untrained prompts to answer as expert 0 does (the buffer's gold
+  targets and E5's pull toward the best expert both do that), ending level with Expert0-SFT.
+
+What would separate the methods better: teachers whose *errors* differ, not only their formats
+(here most wrong questions are wrong for all three experts from the start), more RIEL steps or a
+larger model so that three-step questions leave the floor, and an SFT comparison at equal steps
+per format as well as at equal compute."""
 
 PAIRS = ""
-LADDER = ""
-SWEEP = ""
-LABEL_FREE = ""
-OVERLAP = ""
+LADDER = """\
+Every rung starts from the same MEF checkpoint of its seed. The buffer is the rung that moves
+accuracy; E5 alone does not, and E5 added to the buffer takes part of the buffer's gain back."""
+
+SWEEP = """\
+(the sweep is not complete: see the list of runs not run yet at the top)"""
+
+LABEL_FREE = """\
+Choosing an expert without labels costs little here: the expert chosen on the dev split is the
+best expert on the eval questions in almost every run, and the most-confident-answer choice per
+question is level with it (within the seeds' spread), as is the majority vote. None comes close
+to the oracle, whose margin is the room a perfect per-question choice would have."""
+
+OVERLAP = """\
+After MEF most wrong questions are wrong for all three experts; the experts' distinct errors are
+the questions exactly one or two of them get wrong. RIEL with E3 alone, GRPO and Dr.GRPO keep
+most of them; the buffer and, more, the inter-expert term turn "two wrong" into "three wrong"
+(and some into "none wrong"), so the oracle's margin over the best expert shrinks: the experts
+become alike, which is the opposite of what MEML's argument for several experts needs."""
 
 REAL_DATA = """\
 Nothing here has been run on real data or on a GPU: this project has no real weights and no GPU
