@@ -21,7 +21,6 @@ of which c are correct.
 from collections import Counter
 from itertools import combinations
 import math
-from math import comb
 
 import torch
 
@@ -79,7 +78,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
         raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
     if n - c < k:
         return 1.0
-    return 1.0 - comb(n - c, k) / comb(n, k)
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def error_overlap(correct: list[list[bool]]) -> list[dict]:

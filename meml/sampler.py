@@ -15,6 +15,11 @@ with a plain temperature softmax (decision D2 in README.md), so top-k / top-p on
 token is drawn and never renormalise the reported log-prob. Greedy decoding (temperature 0)
 reports log-probs at T = 1.
 
+Random numbers come from one torch.Generator for the whole batch, or, given `row_keys`, from a
+key per row (`keyed_uniforms`, splitmix64 of the key and the decode step): then a row samples
+the same completion in any batch and at any position, which is how a RIEL rollout is the same
+at any world size (decision D22).
+
 Departures from `transformers.generate`: stop ids are a set checked only on generated tokens
 (chat templates put EOS inside prompts), padded-vocabulary ids (>= vocab_limit) are never
 sampled, and the loop checks "all rows done" every few steps on CUDA to avoid a host sync per

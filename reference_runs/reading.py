@@ -30,27 +30,29 @@ then the paper's GRPO, then + buffer / + inter-expert, then both)."""
 
 MAIN = """\
 **Reading.** Which of the paper's claims hold on this world, judged by the tables below (a
-difference counts when it exceeds twice its larger standard error):
+difference counts when it exceeds twice the larger of its two standard errors):
 
 - *MoE-SFT beats training on one expert's data* (the paper's MEF claim): **does not hold here.**
   Expert0-SFT, MEF on the gold "steps" solutions alone, is far ahead of every MoE-SFT expert and
   of the MoE majority vote, mostly on two-step questions; Expert1-SFT and Expert2-SFT are level
-  with MoE-SFT's experts. The runs have equal compute (2400 steps of 16 answers), so one format
-  gets three times the steps of each format in MoE-SFT, and the 0.38M model is small enough for
-  that to matter. This world cannot say whether the paper's claim needs a model with capacity to
-  spare or teachers whose reasoning differs in more than its format.
-- *RIEL helps on hard questions*: **weakly.** From the shared MEF checkpoints, 200 RIEL steps
-  of MEML-GRPO add about a point to the mean expert, from two-step questions; three-step
-  questions stay near the floor for every method. The plain GRPO and Dr.GRPO baselines and RIEL
-  with E3 alone add nothing or lose a little.
-- *MEML-GRPO beats the RLVR baselines*: **within noise against GRPO**, ahead of Dr.GRPO.
-- *The hard-example buffer helps* (E6): **holds**, and it is the component that does: adding it
-  to E3 alone is the largest effect of the ladder, with or without E5.
+  with MoE-SFT's experts. The runs have equal compute (the same MEF steps), so in MoE-SFT each
+  format gets a third of the steps Expert0-SFT gives its one format, and the 0.38M model is small
+  enough for that to matter. This world cannot say whether the paper's claim needs a model with
+  capacity to spare or teachers whose reasoning differs in more than its format.
+- *RIEL helps on hard questions*: **weakly.** From the shared MEF checkpoints, MEML-GRPO's 200
+  RIEL steps add a little to the mean expert, all of it on two-step questions; three-step
+  questions stay near the floor for every method. GRPO, Dr.GRPO and RIEL with E3 alone add
+  nothing measurable.
+- *MEML-GRPO beats the RLVR baselines*: **holds, by a small margin**, against GRPO and Dr.GRPO
+  from the same MEF checkpoints, on the mean expert and on the hard questions; not on the oracle,
+  which MEML lowers.
+- *The hard-example buffer helps* (E6): **holds**, and it is the part that does: adding it to
+  E3 alone is the largest effect of the ladder, and the buffer without E5 does better than MEML.
 - *The inter-expert term helps* (E5): **does not hold at the paper's form and λ1 = 0.1**: alone
-  it is within noise or slightly harmful, and on top of the buffer it costs accuracy. Its
-  weighted loss is tens of times the policy loss (the λ1 section), and it makes the experts'
-  errors alike: the oracle's margin over the best expert shrinks by half (the last table).
-  Whether a smaller λ1 or the per-token form changes this is what the λ1 sweep is for.
+  it is within noise; on top of the buffer it costs accuracy on the hard questions. Its weighted
+  loss is many times the policy loss (the λ1 table), and with the buffer it makes the experts'
+  errors alike (the last table). Whether a smaller λ1 or the per-token form changes this is what
+  the λ1 sweep is for.
 - *Without MEF the method loses* (the paper's ablation): **the opposite here**, for the reason
   of the first point: "without MEF" starts from Expert0-SFT, the strongest SFT model, and its
   RIEL mostly teaches the two untrained prompts to answer as expert 0 does (the buffer's gold
@@ -77,10 +79,12 @@ to the oracle, whose margin is the room a perfect per-question choice would have
 
 OVERLAP = """\
 After MEF most wrong questions are wrong for all three experts; the experts' distinct errors are
-the questions exactly one or two of them get wrong. RIEL with E3 alone, GRPO and Dr.GRPO keep
-most of them; the buffer and, more, the inter-expert term turn "two wrong" into "three wrong"
-(and some into "none wrong"), so the oracle's margin over the best expert shrinks: the experts
-become alike, which is the opposite of what MEML's argument for several experts needs."""
+the questions exactly one or two of them get wrong. GRPO keeps them; RIEL with E3 alone and
+Dr.GRPO keep most. The inter-expert term (which pulls the weakest expert toward the best one's
+answer) turns many "two wrong" questions into "three wrong" ones; the buffer (whose targets are
+the gold solutions, expert 0's format, for every expert) turns them into fewer wrong more often.
+Both shrink the oracle's margin over the best expert, MEML most: its experts become alike, the
+opposite of what the method's argument for several experts needs."""
 
 REAL_DATA = """\
 Nothing here has been run on real data or on a GPU: this project has no real weights and no GPU
