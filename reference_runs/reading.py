@@ -41,11 +41,12 @@ difference counts when it exceeds twice the larger of its two standard errors):
   capacity to spare or teachers whose reasoning differs in more than its format.
 - *RIEL helps on hard questions*: **weakly.** From the shared MEF checkpoints, MEML-GRPO's 200
   RIEL steps add a little to the mean expert, all of it on two-step questions; three-step
-  questions stay near the floor for every method. GRPO, Dr.GRPO and RIEL with E3 alone add
-  nothing measurable.
-- *MEML-GRPO beats the RLVR baselines*: **holds, by a small margin**, against GRPO and Dr.GRPO
-  from the same MEF checkpoints, on the mean expert and on the hard questions; not on the oracle,
-  which MEML lowers.
+  questions stay near the floor for every method. GRPO and Dr.GRPO, from MoE-SFT or from any
+  ExpertX-SFT, and RIEL with E3 alone add nothing measurable.
+- *MEML-GRPO beats the RLVR baselines*: **holds against GRPO and Dr.GRPO from the same MoE-SFT
+  checkpoints, by a small margin**, on the mean expert and on the hard questions (not on the
+  oracle, which MEML lowers); **does not hold against Expert0-SFT-GRPO and -Dr.GRPO**, which keep
+  the lead of the SFT they start from (the first point).
 - *The hard-example buffer helps* (E6): **holds**, and it is the part that does: adding it to
   E3 alone is the largest effect of the ladder, and the buffer without E5 does better than MEML.
 - *The inter-expert term helps* (E5): **does not hold at the paper's form and λ1 = 0.1**: alone
