@@ -287,7 +287,7 @@ def sweep_table(groups) -> str:
             if not runs:
                 cells += ["", "", ""]
                 continue
-            cells.append(mean_sd([mean_expert(r.final) for r in runs]))
+            cells.append(f"{mean_sd([mean_expert(r.final) for r in runs])} ({len(runs)} seed{'s' * (len(runs) > 1)})")
             d = paired(runs, base, lambda r: per_question(r, "2") + per_question(r, "3")) if base and lambda1 else None
             cells.append(str(d) if d else "")
             cells.append(loss_scale(runs, lambda1) if lambda1 else "")
