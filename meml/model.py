@@ -15,7 +15,8 @@ Where it departs from the HF code:
 - RoPE is applied in fp32 for every model dtype (HF rotates in the model dtype), so bf16 logits
   differ from HF's in the last bits, never in fp32.
 - One preallocated `KVCache` with one length for the whole batch: ragged prompts are left-padded,
-  and each row gets its own positions from the attention mask (cumsum - 1).
+  and each row gets its own positions from the attention mask (cumsum - 1). Training forwards
+  that share a prompt across rows use `PromptKV` instead, which autograd can see through.
 - Every query may attend to its own slot, even a padded one, so no softmax row is ever empty
   and padded rows give finite garbage instead of NaN.
 """
@@ -108,6 +109,37 @@ class KVCache:
         self.keys[layer].narrow(2, self.length, T).copy_(k)
         self.values[layer].narrow(2, self.length, T).copy_(v)
         return self.keys[layer].narrow(2, 0, end), self.values[layer].narrow(2, 0, end)
+
+
+class PromptKV:
+    """The keys and values of some prompts, for a training forward in two passes (meml/policy.py):
+    the distinct prompts once, then every row's completion attending to its prompt's slots.
+
+    Unlike KVCache nothing is written in place, so autograd sees through it: a prompt's keys and
+    values get the gradient of every row that attends to them. A pass may be recomputed (activation
+    checkpointing) because neither `append` below depends on what the other stored:
+    - the prompt pass (`length` 0) keeps each layer's k, v [U, kv_heads, P, d] as they are;
+    - `select_rows(index)` gives row r prompt index[r]'s keys and values, `frozen`;
+    - the completion pass then attends to [prompt slots, new slots] and keeps nothing.
+    """
+    max_len = math.inf
+
+    def __init__(self, num_layers: int, batch_size: int):
+        self.keys, self.values = [None] * num_layers, [None] * num_layers
+        self.batch_size, self.length, self.frozen = batch_size, 0, False
+
+    def select_rows(self, index: torch.Tensor) -> "PromptKV":
+        out = PromptKV(len(self.keys), len(index))
+        out.keys = [k.index_select(0, index) for k in self.keys]
+        out.values = [v.index_select(0, index) for v in self.values]
+        out.length, out.frozen = self.length, True
+        return out
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.frozen:
+            return torch.cat((self.keys[layer], k), 2), torch.cat((self.values[layer], v), 2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
 
 
 class Attention(nn.Module):
@@ -252,6 +284,9 @@ class Transformer(nn.Module):
         step after step builds it once and slices it (meml/sampler.py), which saves rebuilding it
         from the 0/1 mask at every token.
 
+        kv_cache: a KVCache (decoding: written in place) or a PromptKV (a training forward whose
+        rows share prompts, meml/policy.py); `length` slots of either count as past.
+
         Returns logits [B, T, V] in the model dtype, or with return_hidden the final-norm hidden
         states [B, T, H] (logits = hidden @ output_weight.T), so log-probs can skip full logits.
         """
@@ -283,10 +318,11 @@ class Transformer(nn.Module):
             attention_bias(attention_mask, past, T, self.model.embed_tokens.weight.dtype)  # [B, 1, T, S]
 
         x = self.model.embed_tokens(input_ids)  # [B, T, H]
-        recompute = self.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None
+        # (a KVCache is written in place, so a layer that uses one cannot be recomputed)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and not isinstance(kv_cache, KVCache)
         for i, layer in enumerate(self.model.layers):
             if recompute:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, i, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, kv_cache, i, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv_cache, i)
         if kv_cache is not None:

@@ -48,7 +48,7 @@ from meml.config import RielConfig
 from meml.inference import complete
 from meml.kl import inter_expert_kl, inter_expert_kl_full_vocab, plus_rollouts, reference_kl_loss, select_expert_pairs
 from meml.losses import aggregation_denominator, clip_fraction, nll_loss, policy_loss, total_loss
-from meml.policy import completion_logprobs, pack
+from meml.policy import completion_hidden, completion_logprobs, pack
 from meml.prompts import expert_grid, expert_prompt, response_ids
 from meml.rewards import reward
 from meml.sampler import stream_key
@@ -347,9 +347,8 @@ def _padded(values: list[torch.Tensor], width: int) -> torch.Tensor:
 
 def _completion_logits(model, batch, cfg: RielConfig, tok) -> torch.Tensor:
     """Full next-token logits at the completion positions, [M, T, V]: the full-vocab E5 only."""
-    hidden = model(batch.input_ids, attention_mask=batch.attention_mask, return_hidden=True)
-    start, width = batch.prompt_width - 1, batch.completion_ids.shape[1]
-    return hidden[:, start:start + width].float() @ model.output_weight[:tok.vocab_size].float().T / cfg.temperature
+    hidden = completion_hidden(model, batch)  # [M, T, H]
+    return hidden.float() @ model.output_weight[:tok.vocab_size].float().T / cfg.temperature
 
 
 # ---------------------------------------------------------------------------------------------

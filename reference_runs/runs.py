@@ -4,6 +4,7 @@
     python reference_runs/runs.py run --all --jobs 2   # run what is missing, two at a time
     python reference_runs/runs.py run meml-s0          # one run (and nothing it depends on)
     python reference_runs/runs.py check meml-s0        # rerun it elsewhere, compare results.json
+                                                       # (at the commit its run.json names)
 
 A run is `train.py` on the synthetic world with the arguments below, one thread, CPU. Runs that
 start from another run's MEF checkpoint (`--init-from`) need that run's folder under
@@ -180,6 +181,12 @@ def check(run: Run) -> int:
         same = filecmp.cmp(Path(tmp) / run.name / "results.json", COMMITTED / run.name / "results.json",
                            shallow=False)
     print(f"{run.name}: results.json {'identical' if same else 'DIFFERS'}")
+    ran_at = json.loads((COMMITTED / run.name / "run.json").read_text()).get("commit") or "unknown"
+    here = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    if not same and not here.startswith(ran_at):
+        # a later commit may round a float differently, and a few hundred steps amplify it
+        print(f"  the run was made at commit {ran_at}, this tree is {here[:12] or 'not a git checkout'}: "
+              f"check from a checkout of {ran_at}")
     return 0 if same else 1
 
 
