@@ -81,7 +81,7 @@ def run_meml(folder: Path, steps: int) -> list[float]:
     model, tok = load(folder)
     tok.vocab_size = model.config.vocab_size  # sample and score over the whole vocabulary, as TRL does
     ref = Transformer.from_pretrained(folder).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)  # meml's trainer's and TRL's default
     cfg = RielConfig(group_size=G, max_new_tokens=NEW_TOKENS, loss="clipped", advantage_scale="group_std",
                      positive_only=False, aggregation="token_mean", beta=BETA, kl_estimator="k3", lambda1=0.0,
                      hard_example_buffer=False, micro_batch_size=len(PROMPTS) * G)

@@ -148,7 +148,7 @@ def riel_step_figure() -> None:
     from meml.trainer import mixed_precision
     questions, experts, g, new = SIZES["questions"], 3, 8, SIZES["new"]
     model = qwen_05b(torch.float32)  # fp32 masters; bf16 compute under autocast
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)  # as meml.trainer makes it
     # The synthetic world's tokenizer writes the buffer's SFT prompts and targets (ids < 512);
     # rollouts are random ids sampled over the model's whole vocabulary, as with a real tokenizer.
     tok = Tokenizer.from_pretrained(synthetic_assets.write_synthetic_assets(Path("/tmp/gpu_check_assets")))
