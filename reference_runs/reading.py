@@ -52,8 +52,8 @@ difference counts when it exceeds twice the larger of its two standard errors):
 - *The inter-expert term helps* (E5): **does not hold at the paper's form and λ1 = 0.1**: alone
   it is within noise; on top of the buffer it costs accuracy on the hard questions. Its weighted
   loss is many times the policy loss (the λ1 table), and with the buffer it makes the experts'
-  errors alike (the last table). Whether a smaller λ1 or the per-token form changes this is what
-  the λ1 sweep is for.
+  errors alike (the last table). Neither a smaller λ1 nor E5 taken per token makes it help (the
+  λ1 sweep): they only make it harmless.
 - *Without MEF the method loses* (the paper's ablation): **the opposite here**, for the reason
   of the first point: "without MEF" starts from Expert0-SFT, the strongest SFT model, and its
   RIEL mostly teaches the two untrained prompts to answer as expert 0 does (the buffer's gold
@@ -70,7 +70,22 @@ Every rung starts from the same MEF checkpoint of its seed. The buffer is the ru
 accuracy; E5 alone does not, and E5 added to the buffer takes part of the buffer's gain back."""
 
 SWEEP = """\
-(the sweep is not complete: see the list of runs not run yet at the top)"""
+**Reading.** No setting of the sweep makes E5 help on this world: no cell is ahead of λ1 = 0
+beyond noise, on the mean expert or on the hard questions. Summed over O+'s tokens (the paper's
+form) the harm grows with its weight: within noise at λ1 = 0.01 and 0.03, a loss on the hard
+questions beyond noise at 0.1 (MEML-GRPO's default) and a larger one at 0.3. Divided by |O+| it
+stays within noise at every λ1 up to 0.3 (at 0.1 just on the threshold), where its weighted loss
+is at most a few times E3's (the sum's is tens to hundreds of times). So E5 harms here only when
+it outweighs E3 many times over, and at no weight does its pull toward the best expert's answer
+show up as accuracy.
+
+The default stays the paper's form at λ1 = 0.1 (README.md, D8 and D9). The sweep found no
+setting that works better, only settings that hurt less, and making `meml-grpo` a method the
+paper does not write, for no gain, would leave this project nothing to verify. What a user
+should take from it: the sum's weight grows with the length of O+ (the λ1·E5 / E3 column grows
+in step with λ1 here, on answers of a few dozen tokens; answers of a few hundred make it larger
+again by that factor), so with long answers either scale λ1 down by the answer length or use
+`--inter-expert-variant token_mean`, whose λ1 means the same at any length."""
 
 LABEL_FREE = """\
 Choosing an expert without labels costs little here: the expert chosen on the dev split is the
