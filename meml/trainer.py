@@ -71,8 +71,8 @@ def mixed_precision(device_type: str, compute_dtype: torch.dtype):
 def make_optimizer(model, stage: Stage) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel over all parameters per step (TRL's default too). The per-parameter loop
-    # took 4-6x as long on CPU at 100M parameters (reference_runs/LOG.md); the two differ in
-    # the last bit of some updates, never more.
+    # took ~7x as long on CPU at Qwen2.5-0.5B's 494M parameters (reference_runs/LOG.md); the two
+    # round differently in the last bit.
     return torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.95), fused=True)
 
 
