@@ -39,11 +39,13 @@ def model_of(name: str) -> Transformer:
     return model.eval()
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def layout_arguments(description: str) -> argparse.Namespace:
+    """The command line of a benchmark on RIEL's batch layout (this one and bench_prompt_forward):
+    which models, how many distinct prompts of how many rows, how long; sets the thread count."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--models", nargs="+", default=["tiny", "qwen2.5-0.5b"], choices=["tiny", "qwen2.5-0.5b"])
     parser.add_argument("--groups", type=int, default=3, help="distinct prompts (experts x questions)")
-    parser.add_argument("--group-size", type=int, default=8, help="G: copies of each prompt")
+    parser.add_argument("--group-size", type=int, default=8, help="G: rows per prompt")
     parser.add_argument("--prompt-tokens", type=int, default=150)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
@@ -51,6 +53,11 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    return args
+
+
+def main():
+    args = layout_arguments(__doc__.split("\n")[0])
     print(f"{'model':<14}{'rows':>6}{'prompt':>8}{'new':>6}{'shared s':>11}{'per-row s':>11}{'ratio':>8}  equal")
     for name in args.models:
         model = model_of(name)

@@ -10,13 +10,12 @@ ids), both interleaved in one process. It prints the largest log-prob difference
     python -m bench.bench_prompt_forward                      # tiny + Qwen2.5-0.5B shape
     python -m bench.bench_prompt_forward --models tiny --prompt-tokens 150 --new-tokens 32
 """
-import argparse
 import statistics
 import time
 
 import torch
 
-from bench.bench_prefill import model_of
+from bench.bench_prefill import layout_arguments, model_of
 from meml.logprob import token_logprobs
 from meml.policy import completion_logprobs, pack
 
@@ -32,17 +31,7 @@ def one_pass_logprobs(model, batch) -> torch.Tensor:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["tiny", "qwen2.5-0.5b"], choices=["tiny", "qwen2.5-0.5b"])
-    parser.add_argument("--groups", type=int, default=3, help="distinct prompts (experts x questions)")
-    parser.add_argument("--group-size", type=int, default=8, help="G: rows per prompt")
-    parser.add_argument("--prompt-tokens", type=int, default=150)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = layout_arguments(__doc__.split("\n")[0])
     print(f"{'model':<14}{'rows':>6}{'prompt':>8}{'new':>6}{'shared s':>11}{'one-pass s':>12}{'ratio':>8}"
           f"{'max |Δ logp|':>14}")
     for name in args.models:
