@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import traceback
 
 import pytest
 import torch
@@ -38,13 +39,19 @@ def run_ranks(worker, tmp_path, *args):
 
 def _bootstrap(worker, rank, tmp, *args):
     import torch.distributed as dist
+
+    from meml import distributed
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S // 2))
+    # Leave as train.py does, at once (meml.distributed.finish): on a normal exit gloo's threads
+    # can abort the interpreter after the work is done (seen here: exit code -6).
     try:
         worker(rank, tmp, *args)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        distributed.finish(1)
+    distributed.finish(0)
 
 
 def _world(tmp):
@@ -109,7 +116,10 @@ def test_riel_gradients_at_world_size_2_equal_world_size_1(tmp_path, aggregation
         for name, p in model.named_parameters():
             assert torch.allclose(got["grads"][name], p.grad, atol=1e-6, rtol=1e-4), (rank, name)
         for key in ("loss/policy", "loss/ref_kl", "loss/inter_expert_kl", "loss/sft", "loss/total"):
-            assert got["metrics"][key] == pytest.approx(single[key], rel=1e-6, abs=1e-9), key
+            # Each rank's forward has half the rows and one thread, so its logits round otherwise.
+            # The inter-expert KL is a sum of differences of log-probs near -6 (fp32 ulp 5e-7)
+            # that comes to ~0.34: an AMD EPYC measured it 5.5e-6 apart (relative), hence 2e-5.
+            assert got["metrics"][key] == pytest.approx(single[key], rel=2e-5, abs=1e-9), key
         assert got["metrics"]["inter_expert/active_questions"] == single["inter_expert/active_questions"] == active
 
 
@@ -187,9 +197,16 @@ def test_mef_and_evaluation_under_torchrun_equal_one_process(tmp_path):
     one, two = _train(tmp_path, "one", 1, []), _train(tmp_path, "two", 2, [])
     a, b = load_file(str(one / "checkpoint-000003" / "model.safetensors")), \
         load_file(str(two / "checkpoint-000003" / "model.safetensors"))
-    for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=1e-5), name
     lines = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    # AdamW divides each gradient by its own running RMS (+ ε), so where a summed gradient is near
+    # zero or near ε its update can move by a visible fraction of lr when the ranks' sum rounds in
+    # another order (measured on an AMD EPYC: 1 element of 27,648 off by 1.2e-6 at lr 1e-4..3e-4).
+    # A plumbing error (a rank's answers lost or counted twice) moves nearly every element.
+    adam_bound = 2 * sum(r["lr"] for r in lines)  # |Δ update| <= 2 lr per step
+    for name in a:
+        off = ~torch.isclose(a[name], b[name], atol=1e-6, rtol=1e-5)
+        assert off.sum() <= off.numel() // 1000, name
+        assert (a[name] - b[name]).abs().max() <= adam_bound, name
     assert [r["step"] for r in lines] == [1, 2, 3]
     single = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss/nll"] for r in lines] == pytest.approx([r["loss/nll"] for r in single], rel=1e-5)
