@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from meml.model import attention_bias
+from meml.model import attention_bias, decode_linear
 
 
 @dataclass
@@ -287,7 +287,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: 
             cache, hidden = cache.select_rows(source), hidden[source]  # [B, ...]
         steps = 0
         while steps < max_new_tokens:
-            logits = hidden[:, -1] @ weight.T  # [B, vocab_limit]
+            logits = decode_linear(hidden[:, -1], weight)  # [B, vocab_limit]
             uniforms = None if row_keys is None else keyed_uniforms(row_keys, steps)
             drawn = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                       generator=generator, return_entropy=return_entropy,

@@ -400,3 +400,25 @@ def test_init_weights_matches_the_hf_initialisation_scale():
     assert model.lm_head.weight is embed  # still tied
     attn = model.model.layers[0].self_attn
     assert (attn.qkv_proj.bias == 0).all() and (model.model.norm.weight == 1).all()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_decode_step_product_equals_the_written_out_sum_values_and_gradients(bias):
+    """In fp32 on CPU a [B, 1, in] input takes decode_linear's weight-first product, a
+    [B, T, in] input F.linear's. Both must be sum_j x_j W_kj + b_k, written out elementwise in
+    fp64 from the same numbers, and so must their gradients."""
+    from meml.model import Linear
+    torch.manual_seed(0)
+    layer = Linear(6, 5, bias=bias)
+    params64 = [p.detach().double().requires_grad_() for p in layer.parameters()]  # weight[, bias]
+    for T in (1, 3):
+        x = torch.randn(4, T, 6, requires_grad=True)
+        x64 = x.detach().double().requires_grad_()
+        written = (x64[..., None, :] * params64[0]).sum(-1) + (params64[1] if bias else 0.0)  # [4, T, 5]
+        out = layer(x)
+        assert out.shape == (4, T, 5) and torch.allclose(out.double(), written, rtol=0, atol=1e-6)
+        upstream = torch.randn(4, T, 5)
+        grads = torch.autograd.grad(out, [x, *layer.parameters()], upstream)
+        expected = torch.autograd.grad(written, [x64, *params64], upstream.double())
+        for got, want in zip(grads, expected):
+            assert torch.allclose(got.double(), want, rtol=0, atol=1e-5)
