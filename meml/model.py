@@ -14,7 +14,8 @@ Where it departs from the HF code:
   up_proj the same way made the 0.5B shape's MLP 9 % slower on CPU, so they stay apart.)
 - A decode step (one new token per row) on CPU in fp32 computes each projection as
   (W @ x.T).T instead of x @ W.T (`Linear`, `decode_linear`): the same sums, which MKL runs
-  faster for a handful of rows (generation 1.2-1.5x, by CPU). Every other forward is F.linear.
+  faster for a handful of rows (generation ~1.4x at Qwen2.5-0.5B's shape on the two CPUs
+  measured). Every other forward is F.linear.
 - RoPE is applied in fp32 for every model dtype (HF rotates in the model dtype), so bf16 logits
   differ from HF's in the last bits, never in fp32.
 - One preallocated `KVCache` with one length for the whole batch: ragged prompts are left-padded,
@@ -152,7 +153,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     CPU in fp32 this computes the same sums in the other orientation, (weight @ x.T).T, which
     MKL's sgemm ran faster at 8-48 rows on both CPUs measured: 1.3-2.4x for the MLP and LM-head
     weights on one, about even but for the LM head's 1.2-1.5x on an AMD EPYC, where generation at
-    Qwen2.5-0.5B's shape still gained 1.2-1.3x (bench/bench_decode_layout.py, LOG 2026-12-06).
+    Qwen2.5-0.5B's shape still gained ~1.4x (bench/bench_decode_layout.py, LOG 2026-12-06).
     In bf16 (weights or autocast), where this orientation is slower, and on any other device
     (not measured): plain F.linear.
     """
@@ -168,8 +169,8 @@ class Linear(nn.Linear):
 
     A decode step is told by its shape, one new token per row ([B, 1, in]), never by how many
     rows it has: a row is computed the same way whatever else shares its batch, which is what
-    lets RIEL sample the same rollouts at any world size (decision D22). Every other forward
-    is plain F.linear.
+    lets RIEL sample the same rollouts at any world size (decision D22). A training forward one
+    token long takes the same path (same sums, gradients tested); every other is F.linear.
     """
 
     def forward(self, x):

@@ -201,7 +201,7 @@ def test_mef_and_evaluation_under_torchrun_equal_one_process(tmp_path):
     # AdamW divides each gradient by its own running RMS (+ ε), so where a summed gradient is near
     # zero or near ε its update can move by a visible fraction of lr when the ranks' sum rounds in
     # another order (measured on an AMD EPYC: 1 element of 27,648 off by 1.2e-6 at lr 1e-4..3e-4).
-    # A plumbing error (a rank's answers lost or counted twice) moves nearly every element.
+    # A plumbing error (a rank's answers lost, halved or counted twice) moves most elements.
     adam_bound = 2 * sum(r["lr"] for r in lines)  # |Δ update| <= 2 lr per step
     for name in a:
         off = ~torch.isclose(a[name], b[name], atol=1e-6, rtol=1e-5)
