@@ -194,3 +194,52 @@ def test_fuzz_arbitrary_text(text):
 def test_fuzz_repeated_marker_fragments_up_to_100kb(fragments, size):
     unit = "".join(fragments)
     _score_all((unit * (size // len(unit) + 1))[:size])
+
+
+# ---- the work per call is bounded: only the last MAX_MARKERS markers are read ----
+
+@pytest.mark.parametrize("unit", ["#### ", "\\boxed{", "the answer is ", "#### 1.2.3 ", "\\boxed{1.2.3} ", "answer: ("])
+def test_a_200kb_text_of_repeated_markers_reads_at_most_max_markers_windows(unit, monkeypatch):
+    """Counted, not timed: each marker read is one box scanned and one window handed to the
+    data set's reader; 200 KB of one marker repeated ~15,000-50,000 times reads at most 64."""
+    from meml import rewards
+    counts = {"boxes": 0, "windows": 0}
+    real_box, real_spans = rewards._boxed_content, rewards._answer_spans
+
+    def boxes(*args):
+        counts["boxes"] += 1
+        return real_box(*args)
+
+    def windows(text):
+        for span in real_spans(text):
+            counts["windows"] += 1
+            yield span
+    monkeypatch.setattr(rewards, "_boxed_content", boxes)
+    monkeypatch.setattr(rewards, "_answer_spans", windows)
+    text = (unit * (200_000 // len(unit) + 1))[:200_000]
+    for dataset in ("gsm8k", "mathqa", "strategyqa"):
+        counts.update(boxes=0, windows=0)
+        extract_answer(dataset, text, EXAMPLE.options)
+        assert 0 < counts["boxes"] + counts["windows"], dataset  # the counters see the reads
+        assert counts["boxes"] <= rewards.MAX_MARKERS and counts["windows"] <= rewards.MAX_MARKERS, (dataset, counts)
+
+
+def test_only_the_last_64_markers_are_read():
+    from meml.rewards import MAX_MARKERS
+    readable, unreadable = "#### 5 ", "#### x "
+    assert extract_answer("gsm8k", readable + unreadable * (MAX_MARKERS - 1)) == "5"
+    assert extract_answer("gsm8k", readable + unreadable * MAX_MARKERS) is None  # the documented limit
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from(["####", "\\boxed{", "answer is ", "ANSWER:", "answe", "x" * 500, "#", " ", "{"]),
+                min_size=1, max_size=600))
+def test_the_scan_from_the_end_finds_the_markers_a_scan_from_the_start_finds(pieces):
+    """_last_markers (scans from near the end, reaching back) against the plain scan of the
+    whole text: the same last markers, but for the oldest one kept (a scan that starts inside a
+    run such as "#####" may read its tail there, as the docstring says)."""
+    from meml.rewards import _MARKER, MAX_MARKERS, _last_markers
+    text = "".join(pieces)
+    ours = [m.span() for m in _last_markers(text)]
+    plain = [m.span() for m in _MARKER.finditer(text)][-MAX_MARKERS:]
+    assert len(ours) == len(plain) and ours[1:] == plain[1:]
