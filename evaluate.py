@@ -22,27 +22,39 @@ import torch
 
 from meml import distributed, synthetic
 from meml.checkpoint import read_run_info
-from meml.data import LOADERS
-from meml.errors import InputError
+from meml.data import LOADERS, question_key
+from meml.errors import ArgumentParser, InputError
 from meml.evaluation import evaluate_experts, format_results
 from meml.inference import load
 from meml.prompts import EXPERT_SYSTEM_PROMPTS, read_system_prompts
 
 
+def _count(at_least: int):
+    """An argparse type: an integer of at least `at_least` (a negative --limit would act as a
+    Python slice from the end)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < at_least:
+            raise argparse.ArgumentTypeError(f"{value}: must be at least {at_least}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True, help="checkpoint folder (weights + tokenizer)")
     p.add_argument("--dataset", choices=sorted(LOADERS) + ["synthetic"],
                    help="verifier and loader (default: the run's, for a train.py checkpoint)")
     p.add_argument("--data", type=Path, help="questions in the data set's original format (not for synthetic)")
     p.add_argument("--system-prompts", type=Path, help="JSON list of the experts' system prompts "
                    "(default: the run's, else the built-in ones)")
-    p.add_argument("--limit", type=int, help="evaluate at most N questions (default: the run's held-out "
+    p.add_argument("--limit", type=_count(1), help="evaluate at most N questions (default: the run's held-out "
                    "questions, else 200)")
-    p.add_argument("--max-new-tokens", type=int, help="completion length limit (default: the run's, else 256)")
-    p.add_argument("--pass-k", type=int, default=4, help="samples per question for pass@k (0: skip)")
+    p.add_argument("--max-new-tokens", type=_count(1), help="completion length limit (default: the run's, else 256)")
+    p.add_argument("--pass-k", type=_count(0), default=4, help="samples per question for pass@k (0: skip)")
     p.add_argument("--seed", type=int, help="seed of sampling and of the synthetic eval split (default: the run's, else 0)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_count(1), default=64, help="rows per sampler call (memory only)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -65,11 +77,20 @@ def questions(args, info: dict | None, dataset: str, seed: int) -> tuple[list, s
     if run_eval and path.resolve() == Path(info["eval_source"]).resolve():
         held_out = set(info["eval_ids"])
         return [ex for ex in examples if ex.id in held_out], f"the run's held-out questions of {path}"
+    trained = set(info.get("train_questions", [])) if info else set()
+    seen = [ex for ex in examples if question_key(ex) in trained]
+    if seen:
+        raise InputError(f"--data {path}: {len(seen)} of its {len(examples)} questions are ones the run trained on "
+                         f"(first: {seen[0].id!r}; the run's training file was {info.get('train_source')}); scoring "
+                         "them would overstate accuracy: evaluate on questions the run did not see")
     return examples, f"{path}"
 
 
 def run(argv=None) -> int:
     args = parse_args(argv)
+    if args.json is not None and not args.json.parent.is_dir():
+        raise InputError(f"--json {args.json}: folder {args.json.parent} does not exist (checked before the "
+                         "evaluation, so that its results are not lost)")
     device = distributed.init(args.device)  # under torchrun: a share of the questions per process
     info = read_run_info(args.model)
     dataset = args.dataset or (info["dataset"] if info else None)

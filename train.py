@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from meml import data, distributed, plots, synthetic
+from meml import data, distributed, plots, run_folder, synthetic
 from meml.buffer import HardExampleBuffer
-from meml.checkpoint import TRAINER_STATE, latest_checkpoint, load_trainer_state
-from meml.config import PRESETS, TrainConfig, add_option_flags, make_config, overrides_from
-from meml.errors import InputError
+from meml.checkpoint import TRAINER_STATE, latest_checkpoint, loadable_checkpoint
+from meml.config import PRESETS, TrainConfig, add_option_flags, flag_name, make_config, overrides_from
+from meml.errors import ArgumentParser, InputError
 from meml.evaluation import best_expert, evaluate_experts, format_results
 from meml.mef import mef_items, sft_loss
 from meml.model import Transformer
@@ -42,8 +42,20 @@ from meml.trainer import (LossNotFinite, Stage, batch_indices, make_optimizer, m
                           truncate_metrics)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _count(at_least: int):
+    """An argparse type: an integer of at least `at_least` (a negative --train-size would act as a
+    Python slice from the end)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < at_least:
+            raise argparse.ArgumentTypeError(f"{value}: must be at least {at_least}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to train (default: the built-in synthetic world)")
     g.add_argument("--model", type=Path, help="checkpoint folder (config.json, model.safetensors, tokenizer)")
     g.add_argument("--dataset", choices=sorted(data.LOADERS), help="verifier and loader for --data")
@@ -54,11 +66,13 @@ def parse_args(argv=None):
     g.add_argument("--teacher", type=Path, action="append", default=[],
                    help="a local teacher checkpoint that writes expert 1, 2, ... data (repeatable)")
     g.add_argument("--system-prompts", type=Path, help="JSON list of the experts' system prompts")
-    g.add_argument("--train-size", type=int, help="use only the first N training questions")
+    g.add_argument("--train-size", type=_count(1), help="use only the first N training questions")
     g.add_argument("--preset", default="meml-grpo", choices=list(PRESETS), help="method, baseline or ablation")
     g = p.add_argument_group("run")
-    g.add_argument("--output", type=Path, default=Path("runs/default"), help="run folder (checkpoints, logs)")
-    g.add_argument("--resume", type=Path, help="run folder to continue from (with its own arguments)")
+    g.add_argument("--output", type=Path, default=Path("runs/default"),
+                   help="run folder (checkpoints, logs): must not exist or be empty; it is locked while the run lives")
+    g.add_argument("--resume", type=Path, help="run folder to continue from, with its own arguments; only "
+                   + ", ".join(flag_name(k) for k in RESUME_MAY_CHANGE) + " may be given beside it")
     g.add_argument("--init-from", type=Path,
                    help="start from the weights of another run's checkpoint (a checkpoint folder, or a run "
                         "folder: its newest checkpoint) instead of stage 1: MEF is skipped and RIEL starts "
@@ -74,7 +88,56 @@ def parse_args(argv=None):
                         "(half the memory). An update smaller than ~2^-9 of a weight rounds away, so at "
                         "small learning rates (the paper's 1e-6) most updates are lost")
     add_option_flags(p)  # every method option of meml/config.py, grouped by stage
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return make_parser().parse_args(argv)
+
+
+# What may change when a run continues (`--resume RUN --riel-steps 400`): how long it runs and
+# how it reports, never what it computes. Every other flag given with --resume is an error.
+RESUME_MAY_CHANGE = ("riel_steps", "save_every", "sample_every", "threads", "device")
+# Flags that describe a real checkpoint's task: without --model they would be silently unused.
+MODEL_ONLY = ("dataset", "data", "eval_data", "expert_data", "teacher", "system_prompts")
+
+
+def resumed_args(args, argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
+    """--resume RUN: (arguments, their command line, the flags changed now). The run's own
+    command line comes from RUN/args.json; the RESUME_MAY_CHANGE flags given now are appended to
+    it (the last occurrence of a flag wins), any other flag is refused."""
+    saved_file = args.resume / "args.json"
+    if not saved_file.exists():
+        raise InputError(f"{saved_file} not found: --resume takes the run folder of an earlier train.py run")
+    try:
+        saved = json.loads(saved_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{saved_file}: not the JSON list of arguments train.py writes ({err})") from None
+    if not (isinstance(saved, list) and all(isinstance(a, str) for a in saved)):
+        raise InputError(f"{saved_file}: not the JSON list of arguments train.py writes")
+    parser = make_parser()
+    given = [k for k, v in vars(args).items() if k != "resume" and v != parser.get_default(k)]
+    refused = [k for k in given if k not in RESUME_MAY_CHANGE]
+    if refused:
+        raise InputError(f"{flag_name(refused[0])}: --resume continues {args.resume} with the arguments it "
+                         f"started with ({saved_file}); beside it only "
+                         f"{', '.join(flag_name(k) for k in RESUME_MAY_CHANGE)} may be given")
+    changes = []
+    for i, token in enumerate(argv):  # what is left once --resume RUN is taken out
+        if token == "--resume" or (i > 0 and argv[i - 1] == "--resume") or token.startswith("--resume="):
+            continue
+        changes.append(token)
+    command = saved + changes
+    return parse_args(command + ["--resume", str(args.resume)]), command, changes
+
+
+def check_applicable(args) -> None:
+    """A flag that would be silently ignored is an error naming it."""
+    if args.model is None:
+        unused = [k for k in MODEL_ONLY if getattr(args, k)]
+        if unused:
+            raise InputError(f"{flag_name(unused[0])} needs --model: without --model the run trains on the "
+                             "built-in synthetic world, which brings its own questions, experts and prompts")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,13 +326,14 @@ def summarise_riel(metrics_path: Path, num_experts: int) -> dict | None:
 
 def run(argv=None) -> int:
     started = time.time()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    # 1. The run's arguments: a resumed run is the same run, its arguments read back from its folder.
+    # 1. The run's arguments: a resumed run is the same run, its arguments read back from its
+    #    folder (plus the few flags that may change now); a flag that would go unused is an error.
+    changes = []
     if args.resume:
-        saved = args.resume / "args.json"
-        if not saved.exists():
-            raise InputError(f"{saved} not found: --resume takes the run folder of an earlier train.py run")
-        args = parse_args(json.loads(saved.read_text()) + ["--resume", str(args.resume)])
+        args, argv, changes = resumed_args(args, argv)
+    check_applicable(args)
     cfg = make_config(args.preset, synthetic=args.model is None, overrides=overrides_from(args))
     if args.init_from is not None:
         if not cfg.run_riel:
@@ -277,23 +341,36 @@ def run(argv=None) -> int:
         cfg = replace(cfg, run_mef=False)
     precision = precision_of(args)
     device = distributed.init(args.device)  # under torchrun: join the others; rank 0 alone prints and writes
-    if not args.resume and distributed.is_main():
-        args.output.mkdir(parents=True, exist_ok=True)
-        (args.output / "args.json").write_text(json.dumps(sys.argv[1:] if argv is None else list(argv)))
-    distributed.barrier()
+    run_dir = args.resume if args.resume else args.output
+    # The folder is this run's alone from here on: rank 0 locks it (meml/run_folder.py).
+    distributed.agree(lambda: run_folder.claim(run_dir, argv, resume=bool(args.resume), changes=changes))
+    try:
+        return run_in(run_dir, args, cfg, precision, device, started)
+    except (InputError, OSError):
+        if not args.resume and distributed.is_main():
+            run_folder.abandon(run_dir)  # stopped before its first step: the folder as it was found
+        raise
+    finally:
+        run_folder.release(run_dir)
+
+
+def run_in(run_dir: Path, args, cfg: TrainConfig, precision: Precision, device, started: float) -> int:
+    """The run, in its claimed folder."""
     if args.bf16_weights:
         print("--bf16-weights: weights and AdamW states are bf16; an update smaller than ~2^-9 of a "
               "weight is rounded away, so at small learning rates most updates are lost", file=sys.stderr)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run_dir = args.resume if args.resume else args.output
     checkpoint, state = None, None
     if args.resume:
-        checkpoint = latest_checkpoint(run_dir)
+        checkpoint, state = loadable_checkpoint(run_dir)
         if checkpoint is None:
-            raise InputError(f"no complete checkpoint in {run_dir} to resume from")
-        state = load_trainer_state(checkpoint)
-        print(f"resuming from {checkpoint} (stage {state['stage']}, step {state['step']})")
+            print(f"no complete checkpoint in {run_dir}: the run starts again from its first step")
+            if distributed.is_main():
+                for name in ("metrics.jsonl", "samples.jsonl"):
+                    (run_dir / name).unlink(missing_ok=True)
+        else:
+            print(f"resuming from {checkpoint} (stage {state['stage']}, step {state['step']})")
     # 2. What the run trains on; the weights of the checkpoint it resumes from.
     task = build_task(args, cfg, run_dir, device, precision)
     task.model.activation_checkpointing = cfg.activation_checkpointing
@@ -354,7 +431,23 @@ def main(argv=None) -> int:
     except LossNotFinite as err:
         print(f"train.py: {err}", file=sys.stderr)
         code = 1
+    except KeyboardInterrupt:
+        print(f"train.py: interrupted; {where_to_resume(argv)}", file=sys.stderr)
+        code = 130
     return distributed.finish(code)
+
+
+def where_to_resume(argv) -> str:
+    """After Ctrl-C: the newest checkpoint of the run folder, and the command that continues it."""
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except InputError:
+        return "nothing was started"
+    folder = args.resume or args.output
+    newest = latest_checkpoint(folder)
+    if newest is None:
+        return f"no checkpoint was written in {folder}; python train.py --resume {folder} starts it again"
+    return f"the last checkpoint is {newest}; continue with: python train.py --resume {folder}"
 
 
 if __name__ == "__main__":

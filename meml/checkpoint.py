@@ -11,8 +11,15 @@ A checkpoint is a folder `checkpoint-000012/` inside the run folder holding
 
 Atomicity: everything is written into a hidden temporary folder beside the final one, flushed
 to disk, and only then renamed into place. A run killed mid-write leaves at most a stray
-temporary folder, which `latest_checkpoint` ignores; the previous checkpoint stays intact.
+temporary folder, which `latest_checkpoint` ignores; the previous checkpoint stays intact. A
+write that fails (a full disk above all) removes its temporary folder and says so in one line;
+the previous checkpoint stays the newest.
+
+Which checkpoint a resume takes (`loadable_checkpoint`): the newest one whose trainer state and
+model files can be read. A newer one that cannot (truncated, empty, garbage) is renamed
+`<name>.unreadable`, kept for a look but out of the rotation, and named with the reason.
 """
+import errno
 import json
 import os
 import re
@@ -20,6 +27,10 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from meml import distributed
+from meml.errors import InputError
+from meml.hf_checkpoint import checkpoint_files
 
 TRAINER_STATE = "trainer_state.pt"
 # Everything `meml.tokenizer.Tokenizer.from_pretrained` reads (chat_template.jinja wins over the
@@ -49,15 +60,27 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer_dir: Path, traine
     final = run_dir / f"checkpoint-{step:06d}"
     tmp = run_dir / f".checkpoint-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    model.save_pretrained(tmp, dtype=dtype, state=weights)
-    for name in TOKENIZER_FILES:
-        if (Path(tokenizer_dir) / name).exists():
-            shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
-    if (run_dir / RUN_INFO).exists():
-        shutil.copyfile(run_dir / RUN_INFO, tmp / RUN_INFO)
-    torch.save(trainer_state, tmp / TRAINER_STATE)
-    _fsync_tree(tmp)
+    try:
+        tmp.mkdir()
+        model.save_pretrained(tmp, dtype=dtype, state=weights)
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).exists():
+                shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
+        if (run_dir / RUN_INFO).exists():
+            shutil.copyfile(run_dir / RUN_INFO, tmp / RUN_INFO)
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+        _fsync_tree(tmp)
+    except Exception as err:
+        # A full disk surfaces as ENOSPC, or as the writer's own error (safetensors, torch.save's
+        # "unexpected pos") with the disk found full: either way one line, and no partial folder.
+        full = _is_disk_full(err, run_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not full:
+            raise
+        newest = latest_checkpoint(run_dir)
+        raise InputError(f"no space left on {run_dir}: {final.name} was not written (its partial copy is "
+                         f"removed); the newest checkpoint is still {newest.name if newest else 'none'}. "
+                         f"Free space, then continue with --resume {run_dir}") from None
     if final.exists():  # the same step saved again (e.g. after a resume): replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -76,20 +99,69 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _is_disk_full(err: BaseException, folder: Path) -> bool:
+    """ENOSPC anywhere in the exception's chain, or less than 1 MiB free where it was writing."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        err = err.__cause__ or err.__context__
+    try:
+        return shutil.disk_usage(folder).free < 2 ** 20
+    except OSError:
+        return False
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
 
 def load_trainer_state(checkpoint_dir: Path) -> dict:
+    """trainer_state.pt of a checkpoint, onto the CPU (a rank moves what it needs to its device);
+    a file that cannot be read is an InputError naming it."""
     path = Path(checkpoint_dir) / TRAINER_STATE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {checkpoint_dir} is not a complete meml "
                                 f"checkpoint (expected config.json, model.safetensors, {TRAINER_STATE})")
-    return torch.load(path, weights_only=True)
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 -- damaged bytes raise whatever the unpickler meets first
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise InputError(f"{path}: unreadable ({first_line})") from None
+    if not (isinstance(state, dict) and {"stage", "step", "optimizer"} <= state.keys()):
+        raise InputError(f"{path}: not a meml trainer state (no stage, step and optimizer)")
+    return state
+
+
+def loadable_checkpoint(run_dir: Path, print_fn=print) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint of the run folder that can be read, and its trainer state; newer
+    ones that cannot are named with the reason and renamed <name>.unreadable (by rank 0)."""
+    skipped, found = [], (None, None)
+    for checkpoint in reversed(list_checkpoints(run_dir)):
+        try:
+            state = load_trainer_state(checkpoint)
+            checkpoint_files(checkpoint)  # opens each safetensors file's header
+            found = checkpoint, state
+            break
+        except (InputError, OSError) as err:
+            print_fn(f"skipping {checkpoint.name}: {err}")
+            skipped.append(checkpoint)
+    distributed.barrier()  # every rank has read what it needs before rank 0 renames anything
+    if distributed.is_main():
+        for checkpoint in skipped:
+            os.rename(checkpoint, checkpoint.with_name(checkpoint.name + ".unreadable"))
+    return found
 
 
 def read_run_info(checkpoint_dir: Path) -> dict | None:
     """The run information a checkpoint carries (see RUN_INFO), or None for other checkpoints."""
     path = Path(checkpoint_dir) / RUN_INFO
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not the JSON object train.py writes ({err})") from None
+    if not isinstance(info, dict):
+        raise InputError(f"{path}: not the JSON object train.py writes")
+    return info

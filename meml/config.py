@@ -28,6 +28,7 @@ to fit a 2-core CPU: SYNTHETIC_SETTINGS. Precedence: dataclass default < synthet
 preset < flags given on the command line.
 """
 import argparse
+import math
 import typing
 from dataclasses import dataclass, field, fields, replace
 
@@ -252,6 +253,8 @@ def validate(cfg: TrainConfig) -> None:
         m, flag = f.metadata, flag_name(key)
         if value is None or isinstance(value, bool):
             continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"{flag} {value}: must be a finite number")
         if m["choices"] and value not in m["choices"]:
             raise InputError(f"{flag} {value!r}: expected one of {', '.join(m['choices'])}")
         if m["at_least"] is not None and value < m["at_least"]:

@@ -5,6 +5,7 @@ A question with a verifiable gold answer and a gold worked solution (README.md, 
 an expert's reference answer used by MEF (E1), stored as JSONL (format below).
 """
 import ast
+import hashlib
 import json
 import os
 import re
@@ -29,6 +30,13 @@ class ExpertAnswer:
     id: str        # Example.id it answers
     expert: int    # expert index i (0 = the data set's gold solution, by convention)
     response: str  # A_j^(i): the expert's reference answer text
+
+
+def question_key(example: Example) -> str:
+    """A short fingerprint of a question's text, whitespace-normalised (meml_run.json keeps one
+    per training question, so evaluate.py can tell when it is asked to score questions the run
+    trained on, whatever file they now sit in)."""
+    return hashlib.sha1(" ".join(example.question.split()).encode("utf-8")).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def init(device: str) -> torch.device:
     """Join the process group torchrun describes (nothing for a world of one): NCCL on CUDA,
     gloo on CPU. Returns the device this rank uses (on CUDA, device LOCAL_RANK). Every rank
     computes; only rank 0 prints, so the other ranks' standard output is dropped."""
-    device = torch.device(device)
+    device = checked_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
         return device
     if device.type == "cuda":
@@ -57,6 +57,36 @@ def init(device: str) -> torch.device:
     if not is_main():
         sys.stdout = open(os.devnull, "w")
     return device
+
+
+def checked_device(name: str) -> torch.device:
+    """--device NAME as a torch.device, or an error naming the flag: a name torch does not know,
+    or a CUDA device this machine does not have."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: this machine has no CUDA device (torch.cuda.is_available() is "
+                         f"False, torch {torch.__version__}); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def agree(check) -> None:
+    """Run check() on rank 0 alone (e.g. claiming the run folder) and stop every rank with the
+    InputError it raised, so a refusal is one line on every rank instead of a hang at the next
+    collective."""
+    error = None
+    if is_main():
+        try:
+            check()
+        except InputError as err:
+            error = str(err)
+    error = all_gather_objects(error)[0]
+    if error is not None:
+        raise InputError(error)
 
 
 def finish(exit_code: int) -> int:

@@ -4,7 +4,16 @@
 with status 2 as argparse does; every other exception is a bug in meml and keeps its traceback.
 It is a ValueError, so code that catches ValueError still catches it.
 """
+import argparse
 
 
 class InputError(ValueError):
     """A user's mistake; the message names the file, line, field or flag, and what to do."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, with a bad flag raised as an InputError (so the scripts print it as
+    their one line) instead of printed with the usage and exited from inside argparse."""
+
+    def error(self, message):
+        raise InputError(message)

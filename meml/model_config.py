@@ -49,16 +49,31 @@ class ModelConfig:
         """Read a transformers config (v4 keys rope_theta/rope_scaling or v5 rope_parameters).
 
         Anything this decoder would silently get wrong (another architecture or activation, MLP
-        bias, sliding-window layers, a RoPE type other than default/llama3) is a ValueError that
-        names the source file and the field.
+        bias, sliding-window layers, a RoPE type other than default/llama3), and sizes that are
+        not positive integers or heads that do not divide, are an InputError naming the source
+        file and the field.
         """
         def unsupported(field, why):
-            return ValueError(f"{source}: {field}={raw.get(field)!r} is not supported: {why}")
+            return InputError(f"{source}: {field}={raw.get(field)!r} is not supported: {why}")
 
         def need(field):
             if raw.get(field) is None:
                 raise InputError(f"{source}: required field {field!r} is missing")
             return raw[field]
+
+        def count(field, value=None):  # a size: a positive integer (not a bool, not "896")
+            value = need(field) if value is None else value
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InputError(f"{source}: {field}={value!r} must be a positive integer")
+            return value
+
+        def number(field, value):  # a float field ("1e-6" as a string is refused, not parsed)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise InputError(f"{source}: {field}={value!r} must be a positive number")
+            return float(value)
+
+        if not isinstance(raw, dict):
+            raise InputError(f"{source}: expected a JSON object")
 
         model_type = need("model_type")
         if model_type not in ARCHITECTURES:
@@ -79,7 +94,7 @@ class ModelConfig:
         rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
         if any(isinstance(v, dict) for v in rope.values()):
             raise unsupported(rope_field, "per-layer-type RoPE settings")
-        rope_theta = float(rope.pop("rope_theta", raw.get("rope_theta", 10000.0)))
+        rope_theta = number("rope_theta", rope.pop("rope_theta", raw.get("rope_theta", 10000.0)))
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
             raise unsupported(rope_field, "partial_rotary_factor must be 1")
@@ -93,19 +108,21 @@ class ModelConfig:
         else:
             raise unsupported(rope_field, f"rope type {rope_type!r}; only 'default' and 'llama3'")
 
-        hidden, heads = need("hidden_size"), need("num_attention_heads")
-        kv_heads = raw.get("num_key_value_heads") or heads
+        hidden, heads = count("hidden_size"), count("num_attention_heads")
+        kv_heads = count("num_key_value_heads", raw.get("num_key_value_heads") or heads)
         if heads % kv_heads:
             raise unsupported("num_key_value_heads", f"must divide num_attention_heads={heads}")
+        head_dim = count("head_dim", raw.get("head_dim") or hidden // heads)
+        if head_dim % 2:
+            raise unsupported("head_dim", "RoPE rotates pairs of dimensions: it must be even")
         return cls(
-            model_type=model_type, vocab_size=need("vocab_size"), hidden_size=hidden,
-            intermediate_size=need("intermediate_size"), num_hidden_layers=need("num_hidden_layers"),
-            num_attention_heads=heads, num_key_value_heads=kv_heads,
-            head_dim=raw.get("head_dim") or hidden // heads,
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta,
+            model_type=model_type, vocab_size=count("vocab_size"), hidden_size=hidden,
+            intermediate_size=count("intermediate_size"), num_hidden_layers=count("num_hidden_layers"),
+            num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+            rms_norm_eps=number("rms_norm_eps", raw.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta,
             rope_scaling=rope_scaling, attention_bias=model_type == "qwen2",
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            max_position_embeddings=raw.get("max_position_embeddings", 32768),
+            max_position_embeddings=count("max_position_embeddings", raw.get("max_position_embeddings", 32768)),
             bos_token_id=raw.get("bos_token_id"), eos_token_id=raw.get("eos_token_id"))
 
     def to_dict(self) -> dict:

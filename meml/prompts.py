@@ -40,6 +40,10 @@ def read_system_prompts(path: Path) -> list[str]:
         raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts)):
         raise InputError(f"{path}: expected a JSON list of system prompt strings, one per expert")
+    for i, prompt in enumerate(prompts):
+        if prompt in prompts[:i]:
+            raise InputError(f"{path}: prompts {prompts.index(prompt)} and {i} are the same text; an expert is its "
+                             "system prompt, so two identical prompts are one expert")
     return prompts
 
 

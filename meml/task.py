@@ -17,13 +17,13 @@ import torch
 from meml import data, distributed, synthetic, synthetic_assets
 from meml.checkpoint import RUN_INFO, latest_checkpoint
 from meml.config import TrainConfig
-from meml.data import Example, ExpertAnswer
+from meml.data import Example, ExpertAnswer, question_key
 from meml.errors import InputError
 from meml.hf_checkpoint import write_json
 from meml.inference import load
 from meml.mef import generate_expert_data, verified_answers
 from meml.model import ModelConfig, Transformer
-from meml.prompts import EXPERT_SYSTEM_PROMPTS, read_system_prompts
+from meml.prompts import EXPERT_SYSTEM_PROMPTS, expert_prompt, read_system_prompts, response_ids
 from meml.tokenizer import Tokenizer
 
 
@@ -42,6 +42,7 @@ class Task:
     dropped: dict[int, int]         # expert -> answers dropped as wrong
     system_prompts: list[str]       # P_i of the experts taking part
     experts: list[int]              # experts[k]: the expert whose answers train prompt k
+    train_source: str               # the file of the training questions ("synthetic" for the world)
 
 
 def split_questions(examples: list[Example], path: Path, eval_size: int) -> tuple[list, list]:
@@ -105,16 +106,10 @@ def build_task(args, cfg: TrainConfig, run_dir: Path, device, precision: Precisi
         if not train:
             raise InputError(f"--dev-size {cfg.dev_size} leaves no question of {args.data} to train on")
         prompts = read_system_prompts(args.system_prompts) if args.system_prompts else list(EXPERT_SYSTEM_PROMPTS)
-        answers = [ExpertAnswer(ex.id, 0, ex.solution) for ex in train]  # Expert0: the gold solutions
-        known = {ex.id for ex in examples}
-        for path in args.expert_data:
-            loaded = data.load_expert_jsonl(path)
-            unknown = [a.id for a in loaded if a.id not in known]
-            if unknown:
-                raise InputError(f"{path}: {len(unknown)} answers name questions that are not in {args.data} "
-                                 f"(first: {unknown[0]!r}); ids are those meml.data gives the questions of "
-                                 f"--data: {examples[0].id!r} for its first")
-            answers += loaded
+        answers = expert_file_answers(args, examples, len(prompts))
+        given_for_0 = {a.id for a in answers if a.expert == 0}
+        # Expert0: the gold solutions, where the expert files give none
+        answers = [ExpertAnswer(ex.id, 0, ex.solution) for ex in train if ex.id not in given_for_0] + answers
     if args.train_size is not None:
         train = train[:args.train_size]
         if not train:
@@ -126,8 +121,69 @@ def build_task(args, cfg: TrainConfig, run_dir: Path, device, precision: Precisi
     experts = [cfg.expert] if cfg.single_expert else list(range(len(prompts)))
     if max(experts) >= len(prompts):
         raise InputError(f"--expert {cfg.expert}: there are only {len(prompts)} expert prompts")
-    return Task(model_dir, model, tokenizer, dataset, train, evals, devs, str(eval_source), answers, dropped,
-                [prompts[i] for i in experts], experts)
+    if len(experts) == 1 and cfg.run_riel and cfg.riel.lambda1 > 0:
+        raise InputError(f"{args.system_prompts or 'the expert prompts'}: one expert prompt, but the inter-expert "
+                         f"KL (E5, --lambda1 {cfg.riel.lambda1}) needs two experts or more; give more prompts, "
+                         "or --lambda1 0")
+    task = Task(model_dir, model, tokenizer, dataset, train, evals, devs, str(eval_source), answers, dropped,
+                [prompts[i] for i in experts], experts, "synthetic" if args.model is None else str(args.data))
+    check_lengths(task, cfg, model.config.max_position_embeddings)
+    return task
+
+
+def expert_file_answers(args, examples: list[Example], num_prompts: int) -> list[ExpertAnswer]:
+    """Every --expert-data file's answers, checked: each names a question of --data and an expert
+    that has a prompt; the same line twice is kept once (with a note), and two different answers
+    of one expert to one question are an error (E1 takes one answer per question and expert)."""
+    known, answers, seen = {ex.id for ex in examples}, [], {}
+    for path in args.expert_data:
+        loaded = data.load_expert_jsonl(path)
+        unknown = [a.id for a in loaded if a.id not in known]
+        if unknown:
+            raise InputError(f"{path}: {len(unknown)} answers name questions that are not in {args.data} "
+                             f"(first: {unknown[0]!r}); ids are those meml.data gives the questions of "
+                             f"--data: {examples[0].id!r} for its first")
+        beyond = [a for a in loaded if a.expert >= num_prompts]
+        if beyond:
+            raise InputError(f"{path}: {len(beyond)} answers are for expert {beyond[0].expert} or later, but there "
+                             f"are only {num_prompts} expert prompts (experts 0-{num_prompts - 1}); give one "
+                             "system prompt per expert with --system-prompts")
+        repeats = 0
+        for a in loaded:
+            earlier = seen.get((a.id, a.expert))
+            if earlier is None:
+                seen[(a.id, a.expert)] = (a, path)
+                answers.append(a)
+            elif earlier[0].response == a.response:
+                repeats += 1
+            else:
+                raise InputError(f"{path}: two different answers of expert {a.expert} to question {a.id!r} (the "
+                                 f"other in {earlier[1]}); MEF (E1) takes one answer per question and expert")
+        if repeats:
+            print(f"{path}: {repeats} repeated answers (same question, expert and text) counted once")
+    return answers
+
+
+def check_lengths(task: Task, cfg: TrainConfig, context: int) -> None:
+    """Every prompt, with the longest completion the run may generate for it (and every MEF
+    answer with its prompt), fits the model's context, max_position_embeddings; the first that
+    does not is named. (A 5 MB question would otherwise ask for the memory of a million-token
+    attention.)"""
+    longest = max(task.system_prompts, key=len)
+    generated = max(cfg.eval_max_new_tokens, cfg.riel.max_new_tokens if cfg.run_riel else 0)
+    prompt_len = {}
+    for source, questions in (("training", task.train), ("held-out", task.evals), ("dev", task.devs)):
+        for ex in questions:
+            prompt_len[ex.id] = len(expert_prompt(task.tokenizer, longest, task.dataset, ex))
+            if prompt_len[ex.id] + generated > context:
+                raise InputError(f"{source} question {ex.id!r}: its prompt is {prompt_len[ex.id]} tokens, and with "
+                                 f"{generated} generated tokens (--max-new-tokens / --eval-max-new-tokens) it "
+                                 f"exceeds the model's context of {context} (max_position_embeddings); shorten "
+                                 "or drop it, or generate fewer tokens")
+    for a in task.answers if cfg.run_mef else []:
+        if a.expert in task.experts and prompt_len.get(a.id, 0) + len(response_ids(task.tokenizer, a.response)) > context:
+            raise InputError(f"expert {a.expert}'s answer to question {a.id!r}: with its prompt it is longer than "
+                             f"the model's context of {context} tokens (max_position_embeddings)")
 
 
 def synthetic_eval_pool(cfg: TrainConfig) -> int:
@@ -168,6 +224,7 @@ def write_run_info(run_dir: Path, task: Task, cfg: TrainConfig) -> None:
     info = {"dataset": task.dataset, "seed": cfg.seed, "system_prompts": task.system_prompts,
             "eval_source": task.eval_source, "eval_ids": [ex.id for ex in task.evals],
             "dev_ids": [ex.id for ex in task.devs], "eval_max_new_tokens": cfg.eval_max_new_tokens,
+            "train_source": task.train_source, "train_questions": [question_key(ex) for ex in task.train],
             "commit": git_commit()}
     if task.dataset == "synthetic":
         info["eval_pool"] = synthetic_eval_pool(cfg)

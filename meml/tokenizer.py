@@ -116,7 +116,9 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
+        raise InputError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _token_text(value) -> str | None:
@@ -153,7 +155,10 @@ class Tokenizer:
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: pass the folder of a Hugging Face "
                                         "checkpoint (it holds tokenizer.json and tokenizer_config.json)")
-        tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        try:
+            tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        except Exception as err:  # the library raises a bare Exception for a file it cannot parse
+            raise InputError(f"{tokenizer_file}: not a readable tokenizer file ({str(err)[:160]})") from None
         config = _read_json(config_file)
 
         def token_id(field: str, text: str) -> int:
@@ -200,6 +205,12 @@ class Tokenizer:
             if i >= model_vocab_size:
                 raise InputError(f"tokenizer's {name} = {i} is outside the model's vocabulary of "
                                  f"{model_vocab_size} ({source}): tokenizer and checkpoint do not match")
+        # Any text can encode to any of the tokenizer's ordinary (non-added) tokens.
+        ordinary = max(self.tokenizer.get_vocab(with_added_tokens=False).values()) + 1
+        if ordinary > model_vocab_size:
+            raise InputError(f"the tokenizer's ordinary tokens reach id {ordinary - 1}, past the model's vocabulary "
+                             f"of {model_vocab_size} ({source}): text would encode to ids the model has no "
+                             "embedding for; tokenizer and checkpoint do not match")
         self.vocab_size = min(self.vocab_size, model_vocab_size)
 
     def encode(self, text: str) -> list[int]:

@@ -37,6 +37,7 @@ import torch
 
 from meml import distributed
 from meml.checkpoint import save_checkpoint
+from meml.errors import InputError
 
 
 class LossNotFinite(RuntimeError):
@@ -126,12 +127,24 @@ def restore(state: dict, stage: Stage, optimizer) -> int:
 
 
 def truncate_metrics(path: Path, stage: str, step: int) -> None:
-    """On resume, forget the metric lines of steps after the checkpoint: they will be run again."""
+    """On resume, forget the metric lines of steps after the checkpoint: they will be run again.
+    A last line cut short (the run was killed while writing it) is dropped with a note; an
+    unreadable line anywhere else is an error naming it."""
     if not path.exists():
         return
     order = {"mef": 0, "riel": 1}
-    keep = [line for line in path.read_text().splitlines()
-            if (order[json.loads(line)["stage"]], json.loads(line)["step"]) <= (order[stage], step)]
+    lines, keep = path.read_text(encoding="utf-8", errors="replace").splitlines(), []
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+            position = (order[row["stage"]], row["step"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if number == len(lines):
+                print(f"{path}: dropped its last line, cut short when the run stopped ({line[:40]!r}...)")
+                continue
+            raise InputError(f"{path}:{number}: not a metrics line of train.py ({line[:60]!r})") from None
+        if position <= (order[stage], step):
+            keep.append(line)
     path.write_text("".join(line + "\n" for line in keep))
 
 
@@ -181,6 +194,7 @@ def run_stage(stage: Stage, model, optimizer, step_fn, *, run_dir: Path, tokeniz
                 for loss, metrics in step_fn(step):  # backward done; one optimizer update each
                     grad_norm = _checked_grad_norm(stage, model, step, loss, metrics, run_dir)
                     optimizer.step()
+                    _check_weights_finite(stage, model, step, run_dir)
                     optimizer.zero_grad(set_to_none=True)
                     updates.append({**metrics, "grad_norm": grad_norm})
             metrics = _merge_updates(updates)
@@ -242,6 +256,21 @@ def _checked_grad_norm(stage: Stage, model, step: int, loss, metrics: dict, run_
             f"(loss {loss.item():.4g}, parts: {parts}); the weights were not updated and "
             f"the last checkpoint in {run_dir} is intact")
     return grad_norm.item()
+
+
+def _check_weights_finite(stage: Stage, model, step: int, run_dir: Path) -> None:
+    """Stop the run when an update left a weight NaN or infinite (a finite loss and gradient can
+    still do that, e.g. at an infinite learning rate), before any checkpoint is written from
+    them. One fused reduction per update: the largest |w| of every tensor (NaN propagates), on
+    each rank's own shard, summed over ranks so that every rank stops together."""
+    params = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    largest = torch.stack(torch._foreach_norm([p.detach() for p in params], float("inf")))
+    bad = distributed.all_reduce_sum((~torch.isfinite(largest)).sum().item()).item()
+    if bad:
+        raise LossNotFinite(
+            f"[{stage.name}] the update of step {step + 1} left weights that are NaN or infinite (the loss and "
+            f"gradient were finite: is a learning rate too large?); no checkpoint was written from them, "
+            f"the last checkpoint in {run_dir} is intact")
 
 
 def _merge_updates(updates: list[dict]) -> dict:

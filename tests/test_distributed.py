@@ -238,8 +238,80 @@ RIEL_ARGS = ["--mef-steps", "2", "--riel-steps", "4", "--save-every", "1", "--tr
              "--threads", "1"]
 
 
-def test_a_killed_2_process_run_resumes_exactly_and_checkpoints_resume_at_another_world_size(tmp_path):
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is pid (from /proc: torchrun starts its ranks in sessions of
+    their own, so killing torchrun's process group does not reach them)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _kill_run(proc, ranks: list[int]) -> None:
+    """SIGKILL a torchrun run the way that stops it: its ranks themselves, then torchrun; and
+    check that none is left."""
     import signal
+    import time
+    assert len(ranks) == 2, ranks
+    for pid in ranks + [-proc.pid]:  # -pid: torchrun's process group
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # gone already
+            pass
+    proc.wait()
+    deadline = time.time() + 30
+    while any(_alive(r) for r in ranks) and time.time() < deadline:
+        time.sleep(0.02)
+    assert not any(_alive(r) for r in ranks), "a rank outlived SIGKILL"
+
+
+def test_ranks_orphaned_by_a_killed_torchrun_hold_the_run_folder_so_a_resume_beside_them_refuses(tmp_path):
+    """torchrun starts each rank in a session of its own: killing torchrun's process group (as
+    this suite once did to "kill a 2-process run") leaves both ranks training. Rank 0 holds the
+    run folder's lock, so a resume started beside them refuses instead of racing them."""
+    import signal
+    import time
+    run = tmp_path / "run"
+    cmd, env = _launch(tmp_path, 2, ["--output", str(run)] + RIEL_ARGS + ["--riel-steps", "400", "--save-every", "100"])
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    ranks, deadline = [], time.time() + 300
+    while not (run / "checkpoint-000002").exists() and proc.poll() is None and time.time() < deadline:
+        ranks = ranks if len(ranks) == 2 else _children(proc.pid)
+        time.sleep(0.02)
+    ranks = ranks if len(ranks) == 2 else _children(proc.pid)
+    try:
+        assert len(ranks) == 2, ranks
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert all(_alive(r) for r in ranks), "the ranks died with torchrun's group: this test no longer shows it"
+        beside, env1 = _launch(tmp_path, 1, ["--resume", str(run)])
+        done = subprocess.run(beside, cwd=tmp_path, env=env1, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+        line = done.stderr.strip()
+        assert line.startswith(f"train.py: {run} is in use by process ") and line.endswith(
+            "a run writes there now; wait for it to end (or stop it), or choose another --output"), line
+        assert int(line.split("in use by process ")[1].split()[0]) in ranks  # rank 0 holds it
+        assert all(_alive(r) for r in ranks)  # they were still running when it refused
+    finally:
+        _kill_run(proc, ranks)
+
+
+def test_a_killed_2_process_run_resumes_exactly_and_checkpoints_resume_at_another_world_size(tmp_path):
     import time
 
     from safetensors.torch import load_file
@@ -250,10 +322,11 @@ def test_a_killed_2_process_run_resumes_exactly_and_checkpoints_resume_at_anothe
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     target, deadline = killed / "checkpoint-000004", time.time() + 300
+    ranks = []
     while not target.exists() and proc.poll() is None and time.time() < deadline:
+        ranks = ranks if len(ranks) == 2 else _children(proc.pid)
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks at once
-    proc.wait()
+    _kill_run(proc, ranks if len(ranks) == 2 else _children(proc.pid))
     assert target.exists() and not (killed / "results.json").exists(), "not killed mid-RIEL"
     cmd, env = _launch(tmp_path, 2, ["--resume", str(killed)])
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -142,6 +142,7 @@ def _tiny_hf_checkpoint(folder, tokenizer_dir, model_type, vocab_size):
 def _gsm8k_files(tmp_path, num=6):
     """GSM8K-format questions and an expert-1 JSONL answering half of them correctly."""
     from meml.data import ExpertAnswer, write_expert_jsonl
+    tmp_path.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"question": f"Mia has {n} apples and buys {n + 1} more. How many apples now?",
                          "answer": f"{n} + {n + 1} = {2 * n + 1}\n#### {2 * n + 1}"}) for n in range(num)]
     data = tmp_path / "train.jsonl"
@@ -212,11 +213,18 @@ def test_evaluate_cli_never_scores_the_questions_a_run_trained_on(tmp_path, caps
     r = json.loads(out_json.read_text())
     assert r["num_questions"] == 3 and len(r["accuracy"]) == 2  # the last 3 of 8, two experts
     assert {s["id"] for s in r["samples"]} == {"gsm8k-train-6", "gsm8k-train-7", "gsm8k-train-8"}
-    other = tmp_path / "test.jsonl"
-    other.write_text(data.read_text())
+    # The same questions in another file are still the ones it trained on: refused, named.
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text(data.read_text())
+    capsys.readouterr()
+    assert evaluate.main(["--model", str(run / "checkpoint-000001"), "--data", str(copy), "--pass-k", "0"]) == 2
+    assert f"evaluate.py: --data {copy}: 5 of its 8 questions are ones the run trained on" in capsys.readouterr().err
+    # Questions it never saw are scored whole.
+    other, _ = _gsm8k_files(tmp_path / "other", num=9)
+    other.write_text("".join(line.replace("Mia", "Noor") + "\n" for line in other.read_text().splitlines()))
     assert evaluate.main(["--model", str(run / "checkpoint-000001"), "--data", str(other), "--pass-k", "0",
                           "--json", str(out_json)]) == 0
-    assert json.loads(out_json.read_text())["num_questions"] == 8
+    assert json.loads(out_json.read_text())["num_questions"] == 9
 
 
 def test_teacher_checkpoint_writes_verified_expert_data_then_trains(tmp_path, capsys):
