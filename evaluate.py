@@ -27,6 +27,7 @@ from meml.errors import ArgumentParser, InputError
 from meml.evaluation import evaluate_experts, format_results
 from meml.inference import load
 from meml.prompts import EXPERT_SYSTEM_PROMPTS, read_system_prompts
+from meml.task import precision_of
 
 
 def _count(at_least: int):
@@ -57,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=_count(1), default=64, help="rows per sampler call (memory only)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bfloat16 on a CUDA GPU that has it (else float32 with TF32), float32 on the CPU")
     return p.parse_args(argv)
 
 
@@ -106,7 +108,10 @@ def run(argv=None) -> int:
         prompts = list(synthetic.EXPERT_PROMPTS if dataset == "synthetic" else EXPERT_SYSTEM_PROMPTS)
     limit = args.limit if args.limit is not None else (len(examples) if info else 200)
     max_new_tokens = args.max_new_tokens or (info["eval_max_new_tokens"] if info else 256)
-    model, tokenizer = load(args.model, device=device, dtype=getattr(torch, args.dtype))
+    precision = precision_of(args, device)  # evaluation only generates: weights in the compute dtype
+    if precision.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    model, tokenizer = load(args.model, device=device, dtype=precision.compute)
     r = evaluate_experts(model, tokenizer, examples[:limit], prompts, dataset, max_new_tokens=max_new_tokens,
                          batch_size=args.batch_size, pass_k=args.pass_k, seed=seed,
                          difficulty=synthetic.difficulty_of if dataset == "synthetic" else None)

@@ -79,8 +79,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "there, e.g. several RIEL methods from one MEF run. Same tokenizer required")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the model lives (default: cuda when available)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="compute dtype. bfloat16: mixed precision, matmuls in bf16 under autocast, fp32 "
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype. auto: bfloat16 on a CUDA GPU that has it (else float32 with TF32 "
+                        "matmuls), float32 on the CPU. bfloat16: mixed precision, matmuls in bf16 under autocast, fp32 "
                         "master weights and AdamW states (as TRL, verl and nanochat); checkpoints' HF "
                         "files in bf16, the fp32 masters in trainer_state.pt")
     g.add_argument("--bf16-weights", action="store_true",
@@ -339,11 +340,12 @@ def run(argv=None) -> int:
         if not cfg.run_riel:
             raise InputError(f"--init-from skips MEF, and --preset {cfg.preset} has no RIEL stage: nothing to run")
         cfg = replace(cfg, run_mef=False)
-    precision = precision_of(args)
+    precision = precision_of(args, distributed.checked_device(args.device))
     device = distributed.init(args.device)  # under torchrun: join the others; rank 0 alone prints and writes
     run_dir = args.resume if args.resume else args.output
     # The folder is this run's alone from here on: rank 0 locks it (meml/run_folder.py).
     distributed.agree(lambda: run_folder.claim(run_dir, argv, resume=bool(args.resume), changes=changes))
+    run_folder.check_shared(run_dir)  # several nodes: every rank sees what rank 0 writes
     try:
         return run_in(run_dir, args, cfg, precision, device, started)
     except (InputError, OSError):
@@ -361,6 +363,9 @@ def run_in(run_dir: Path, args, cfg: TrainConfig, precision: Precision, device, 
               "weight is rounded away, so at small learning rates most updates are lost", file=sys.stderr)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if precision.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    print(f"precision: {precision.describe(device)}")
     checkpoint, state = None, None
     if args.resume:
         checkpoint, state = loadable_checkpoint(run_dir)
@@ -376,9 +381,10 @@ def run_in(run_dir: Path, args, cfg: TrainConfig, precision: Precision, device, 
     task.model.activation_checkpointing = cfg.activation_checkpointing
     write_run_info(run_dir, task, cfg)
     if checkpoint is not None:  # the fp32 masters when the HF files hold less precision
-        weights = state.get("master_weights") or \
+        weights = state.pop("master_weights", None) or \
             Transformer.from_pretrained(checkpoint, dtype=precision.weights, device=device).state_dict()
-        task.model.load_state_dict(weights)
+        task.model.load_state_dict(weights)  # copied into the model's own tensors; the loaded ones go
+        del weights
     elif args.init_from is not None:
         init_weights(task, args.init_from, device, precision)
     if cfg.fsdp:  # FSDP2: from here on each rank holds a shard of every weight

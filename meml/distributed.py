@@ -140,11 +140,13 @@ def all_reduce_sum(value: float | int | torch.Tensor) -> torch.Tensor:
 
 
 def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's `t` (same shape on every rank) along dim 0, in rank order."""
+    """Concatenate every rank's `t` (same shape on every rank) along dim 0, in rank order.
+    Input and outputs are made contiguous: NCCL refuses a strided tensor (gloo takes it), and
+    `empty_like` of a view such as `x[:, rows].movedim(0, 1)` keeps its strides."""
     if not dist.is_initialized():
         return t
-    parts = [torch.empty_like(t, device=_device()) for _ in range(world_size())]
-    dist.all_gather(parts, t.to(_device()))
+    parts = [torch.empty(t.shape, dtype=t.dtype, device=_device()) for _ in range(world_size())]
+    dist.all_gather(parts, t.to(_device()).contiguous())
     return torch.cat([p.to(t.device) for p in parts])
 
 

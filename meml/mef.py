@@ -26,6 +26,7 @@ from meml.losses import nll_loss
 from meml.policy import completion_logprobs, pack
 from meml.prompts import expert_grid, expert_prompt, response_ids
 from meml.rewards import reward
+from meml.sampler import stream_key
 
 
 @dataclass
@@ -83,15 +84,22 @@ def sft_loss(model, tokenizer, items: list[SFTItem], micro_batch_size: int,
 def generate_expert_data(teacher, teacher_tokenizer, examples: list[Example], system_prompt: str,
                          expert: int, dataset: str, *, samples_per_question: int = 1,
                          max_new_tokens: int = 512, temperature: float = 0.7, batch_size: int = 16,
-                         generator: torch.Generator | None = None) -> list[ExpertAnswer]:
-    """Sample the teacher under `system_prompt`; keep the first verified-correct answer per question."""
+                         generator: torch.Generator | None = None, key: int | None = None,
+                         first: int = 0) -> list[ExpertAnswer]:
+    """Sample the teacher under `system_prompt`; keep the first verified-correct answer per question.
+
+    Draws come from `generator`, or, given `key`, from the keys (key, question, 0, sample) with
+    `first` the index of examples[0] in the whole data set: a question then gets the same sample
+    whichever process and batch it is generated in (train.py shards teachers across ranks)."""
     teacher.eval()
     kept = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         conversations, rows = expert_grid(chunk, [system_prompt], dataset, samples_per_question)  # rows [q, 1, s]
+        keys = None if key is None else [stream_key(key, first + start + q, 0, s)
+                                         for q in range(len(chunk)) for s in range(samples_per_question)]
         out = complete(teacher, teacher_tokenizer, conversations, max_new_tokens=max_new_tokens,
-                       temperature=temperature, batch_size=len(conversations), generator=generator)
+                       temperature=temperature, batch_size=len(conversations), generator=generator, row_keys=keys)
         for q, ex in enumerate(chunk):
             for row in rows[q, 0].tolist():
                 if out.finished[row] and reward(dataset, out.texts[row], ex) == 1.0:

@@ -97,6 +97,26 @@ def lock(folder: Path) -> None:
     _held[key] = fd
 
 
+def check_shared(folder: Path) -> None:
+    """Under torchrun: every rank must see the run folder rank 0 claimed, the same files at the
+    same path (ranks read args.json, checkpoints, reference/ and expert<n>.jsonl that rank 0
+    writes). Each rank reads the lock file rank 0 just wrote; a rank that does not find rank 0's
+    text there (another node with its own disk) stops every rank in one line."""
+    from meml import distributed
+    if distributed.world_size() == 1:
+        return
+    path = Path(folder) / LOCK
+    seen = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
+    views = distributed.all_gather_objects((socket.gethostname(), seen))
+    blind = [(rank, host) for rank, (host, text) in enumerate(views) if text != views[0][1]]
+    if blind:
+        rank, host = blind[0]
+        raise InputError(f"{folder}: rank {rank} (on {host}) does not see the run folder rank 0 writes "
+                         f"({len(blind)} of {len(views)} ranks): every node must mount one shared filesystem "
+                         "(NFS, Lustre, ...) at the same path, since every rank reads the checkpoints and files "
+                         "rank 0 writes there")
+
+
 def release(folder: Path) -> None:
     """Let go of `folder`'s lock (the end of a run in a process that goes on, e.g. a test)."""
     fd = _held.pop(Path(folder).resolve(), None)

@@ -24,6 +24,7 @@ from meml.inference import load
 from meml.mef import generate_expert_data, verified_answers
 from meml.model import ModelConfig, Transformer
 from meml.prompts import EXPERT_SYSTEM_PROMPTS, expert_prompt, read_system_prompts, response_ids
+from meml.sampler import stream_key
 from meml.tokenizer import Tokenizer
 
 
@@ -60,17 +61,37 @@ def split_questions(examples: list[Example], path: Path, eval_size: int) -> tupl
 @dataclass
 class Precision:
     """--dtype and --bf16-weights: what the weights are stored in, what matmuls run in, what
-    checkpoints' HF files hold."""
+    checkpoints' HF files hold; tf32: fp32 matmuls on CUDA may use TF32 tensor cores."""
     weights: torch.dtype
     compute: torch.dtype
     save: torch.dtype
+    tf32: bool = False
+
+    def describe(self, device: torch.device) -> str:
+        if self.compute == torch.float32:
+            return f"float32 on {device}" + (" (TF32 matmuls)" if self.tf32 else "")
+        masters = "bf16 weights and AdamW states" if self.weights == self.compute else "fp32 master weights"
+        return f"bfloat16 autocast on {device}, {masters}"
 
 
-def precision_of(args) -> Precision:
-    compute = getattr(torch, args.dtype)
-    if args.bf16_weights and compute != torch.bfloat16:
-        raise InputError("--bf16-weights needs --dtype bfloat16")
-    return Precision(compute if args.bf16_weights else torch.float32, compute, compute)
+def precision_of(args, device: torch.device, bf16_supported: bool | None = None) -> Precision:
+    """--dtype auto (the default) picks what a GPU user expects: bf16 mixed precision on a CUDA
+    device that supports bf16 (Ampere and later), else fp32 with TF32 matmuls on CUDA; fp32 on the
+    CPU (where bf16 matmuls are slower and the reference runs were made). An explicit --dtype is
+    taken as it is (float32 then means true fp32: no TF32). bf16_supported: for tests (default:
+    ask torch.cuda)."""
+    dtype, tf32 = args.dtype, False
+    if dtype == "auto":
+        if device.type == "cuda":
+            supported = torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported
+            dtype, tf32 = ("bfloat16", False) if supported else ("float32", True)
+        else:
+            dtype = "float32"
+    compute = getattr(torch, dtype)
+    bf16_weights = getattr(args, "bf16_weights", False)
+    if bf16_weights and compute != torch.bfloat16:
+        raise InputError("--bf16-weights needs --dtype bfloat16 (or --dtype auto on a GPU with bf16)")
+    return Precision(compute if bf16_weights else torch.float32, compute, compute, tf32)
 
 
 def build_task(args, cfg: TrainConfig, run_dir: Path, device, precision: Precision) -> Task:
@@ -196,22 +217,31 @@ def synthetic_eval_pool(cfg: TrainConfig) -> int:
 def teacher_answers(args, cfg, run_dir, train, prompts, dataset, device, dtype) -> list[ExpertAnswer]:
     """--teacher DIR (repeatable): expert n's answers written by a local checkpoint (loaded in
     the compute dtype: it only generates), verified, saved as run_dir/expert<n>.jsonl (and read
-    back from there on --resume)."""
+    back from there on --resume).
+
+    Under torchrun every rank generates a contiguous share of the questions (rank 0 alone took
+    all of them once, while the others waited at a barrier past NCCL's timeout at GSM8K's size);
+    draws are keyed by question, so the file is the same at any world size. Rank 0 writes it."""
     answers = []
     for n, teacher_dir in enumerate(args.teacher, start=1):
         if n >= len(prompts):
             raise InputError(f"--teacher {teacher_dir}: teacher {n} would write expert {n}'s data, "
                              f"but there are only {len(prompts)} expert prompts")
         path = run_dir / f"expert{n}.jsonl"
-        # written once, by rank 0 (or by an earlier start of this run, e.g. before a --resume)
-        if distributed.is_main() and not path.exists():
+        # written once (or by an earlier start of this run, e.g. before a --resume): rank 0 decides
+        if not distributed.all_gather_objects(path.exists())[0]:
             teacher, teacher_tokenizer = load(teacher_dir, device=device, dtype=dtype)
-            generated = generate_expert_data(teacher, teacher_tokenizer, train, prompts[n], n, dataset,
-                                             max_new_tokens=cfg.riel.max_new_tokens,
-                                             generator=torch.Generator(device=device).manual_seed(cfg.seed))
-            data.write_expert_jsonl(path, generated)
-            print(f"teacher {teacher_dir}: {len(generated)}/{len(train)} verified answers -> {path}")
-        distributed.barrier()
+            w, r = distributed.world_size(), distributed.rank()
+            first, end = r * len(train) // w, (r + 1) * len(train) // w
+            mine = generate_expert_data(teacher, teacher_tokenizer, train[first:end], prompts[n], n, dataset,
+                                        max_new_tokens=cfg.riel.max_new_tokens, key=stream_key(cfg.seed, n),
+                                        first=first)
+            del teacher
+            generated = [a for part in distributed.all_gather_objects(mine) for a in part]
+            if distributed.is_main():
+                data.write_expert_jsonl(path, generated)
+                print(f"teacher {teacher_dir}: {len(generated)}/{len(train)} verified answers -> {path}")
+            distributed.barrier()
         answers += data.load_expert_jsonl(path)
     return answers
 

@@ -106,11 +106,13 @@ def trainer_state(stage: Stage, step: int, optimizer, carry: dict, model, weight
 
 
 def restore(state: dict, stage: Stage, optimizer) -> int:
-    """Put the optimizer, generators and extra state back; return the step to continue from."""
+    """Put the optimizer, generators and extra state back; return the step to continue from.
+    The optimizer's saved tensors are taken out of `state` (loaded on the CPU, copied to the
+    parameters' device by load_state_dict), so the run does not hold a second copy of them."""
     if state["stage"] != stage.name:
         raise ValueError(f"checkpoint is from stage {state['stage']!r}, not {stage.name!r}")
     try:
-        optimizer.load_state_dict(distributed.shard_optimizer_state(state["optimizer"], optimizer))
+        optimizer.load_state_dict(distributed.shard_optimizer_state(state.pop("optimizer"), optimizer))
     except ValueError as err:  # e.g. saved before q/k/v_proj became one qkv_proj (3 tensors, now 1)
         raise ValueError(f"its optimizer state does not fit this model's parameters ({err}); it was "
                          "written for another model layout, e.g. by a meml from before q/k/v_proj "
@@ -189,14 +191,14 @@ def run_stage(stage: Stage, model, optimizer, step_fn, *, run_dir: Path, tokeniz
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, stage)
             updates = []
-            with mixed_precision(device_type, stage.compute_dtype):
+            optimizer.zero_grad(set_to_none=True)
+            for loss, metrics in _under_autocast(step_fn(step), device_type, stage.compute_dtype):
+                # backward done; one optimizer update each, outside autocast (see _under_autocast)
+                grad_norm = _checked_grad_norm(stage, model, step, loss, metrics, run_dir)
+                optimizer.step()
+                _check_weights_finite(stage, model, step, run_dir)
                 optimizer.zero_grad(set_to_none=True)
-                for loss, metrics in step_fn(step):  # backward done; one optimizer update each
-                    grad_norm = _checked_grad_norm(stage, model, step, loss, metrics, run_dir)
-                    optimizer.step()
-                    _check_weights_finite(stage, model, step, run_dir)
-                    optimizer.zero_grad(set_to_none=True)
-                    updates.append({**metrics, "grad_norm": grad_norm})
+                updates.append({**metrics, "grad_norm": grad_norm})
             metrics = _merge_updates(updates)
             samples = metrics.pop("samples", None)
             metrics.update({"stage": stage.name, "step": step + 1, "lr": lr_at(step, stage),
@@ -226,6 +228,22 @@ def run_stage(stage: Stage, model, optimizer, step_fn, *, run_dir: Path, tokeniz
                     save_checkpoint(run_dir, stage.step_offset + step + 1, model, tokenizer_dir, state,
                                     dtype=stage.save_dtype, weights=weights)
                 distributed.barrier()  # no rank runs ahead of a checkpoint it may resume from
+
+
+def _under_autocast(updates, device_type: str, compute_dtype: torch.dtype):
+    """The step's updates, each computed (forward and backward) in its own autocast region.
+
+    Autocast caches the low-precision copy of every weight until its region exits, so a forward
+    after optimizer.step() inside the same region would still see the weights from before the
+    step: with --num-iterations 2 the second update would train on stale weights (ρ = 1, the
+    clip never acting, the same gradient applied twice). Here each update's computation runs
+    inside a region of its own, and the optimizer step outside any."""
+    while True:
+        with mixed_precision(device_type, compute_dtype):
+            update = next(updates, None)
+        if update is None:
+            return
+        yield update
 
 
 def _log_probe(found: dict, stage: Stage, step: int, log, print_fn) -> None:

@@ -172,6 +172,130 @@ def test_the_buffer_is_the_same_on_every_rank_and_equals_one_process(tmp_path):
         assert torch.equal(got["state"]["generator_state"], buffer.state_dict()["generator_state"])
 
 
+def _contiguity_worker(rank, tmp):
+    """riel_metrics with two questions on each rank (the default 8 questions over 4 GPUs), with
+    every collective checked for what NCCL requires: contiguous tensors, inputs and outputs."""
+    import torch.distributed as dist
+
+    from meml.riel import riel_metrics
+    seen = []
+
+    def checked(collective):
+        def call(*args, **kwargs):
+            tensors = [a for arg in args for a in (arg if isinstance(arg, list) else [arg]) if torch.is_tensor(a)]
+            seen.extend((collective.__name__, t.is_contiguous()) for t in tensors)
+            return collective(*args, **kwargs)
+        return call
+    for name in ("all_gather", "all_reduce", "broadcast", "reduce_scatter_tensor", "all_gather_into_tensor"):
+        setattr(dist, name, checked(getattr(dist, name)))
+    model, world, _ = _world(tmp)
+    ro = make_rollouts(world)  # 2 questions x 3 experts x G on each rank
+    rewards = torch.cat([REWARDS, BOTH_ACTIVE])  # the step's 4 questions
+    riel_metrics(ro, rewards, rewards - rewards.mean(dim=-1, keepdim=True))
+    torch.save(seen, os.path.join(tmp, f"seen{rank}.pt"))
+
+
+def test_every_tensor_that_reaches_a_collective_is_contiguous(tmp_path):
+    """NCCL raises "Tensors must be contiguous" where gloo does not: riel_metrics gathered a
+    strided view once a rank held two questions, which a 4-GPU run at the defaults would hit at
+    its first RIEL step."""
+    run_ranks(_contiguity_worker, tmp_path)
+    for rank in range(2):
+        seen = torch.load(tmp_path / f"seen{rank}.pt", weights_only=False)
+        assert ("all_gather", True) in seen
+        assert all(contiguous for _, contiguous in seen), seen
+
+
+def _teacher_setup(tmp):
+    """A random-weight teacher checkpoint and 7 synthetic questions (7: the ranks' shares differ)."""
+    import pathlib
+
+    from meml import synthetic, synthetic_assets
+    from meml.model import ModelConfig
+    folder = pathlib.Path(tmp) / "teacher"
+    if not (folder / "model.safetensors").exists():  # made once, by the test's own process
+        synthetic_assets.write_synthetic_assets(folder)
+        config = ModelConfig.from_json(folder / "config.json")
+        config.num_hidden_layers, config.hidden_size, config.intermediate_size = 2, 32, 64
+        config.num_attention_heads, config.num_key_value_heads, config.head_dim = 4, 2, 8
+        tiny_model(config, 0).save_pretrained(folder)
+    return folder, synthetic.load_synthetic(n_train=7, n_eval=1)[0]
+
+
+def _teacher_answers(tmp, run_dir):
+    """meml.task.teacher_answers with every sampled completion recorded (the verifier keeps
+    almost none of an untrained teacher's): {question: text}, and how many this rank generated."""
+    import argparse
+    import pathlib
+
+    from meml import mef
+    from meml.config import TrainConfig
+    from meml.task import teacher_answers
+    folder, train = _teacher_setup(tmp)
+    texts, real = {}, mef.complete
+
+    def recording(model, tokenizer, conversations, **kw):
+        out = real(model, tokenizer, conversations, **kw)
+        texts.update({c[1]["content"]: t for c, t in zip(conversations, out.texts)})
+        return out
+    mef.complete = recording
+    args = argparse.Namespace(teacher=[folder])
+    cfg = TrainConfig()
+    cfg.riel.max_new_tokens = 12
+    pathlib.Path(run_dir).mkdir(parents=True, exist_ok=True)
+    teacher_answers(args, cfg, pathlib.Path(run_dir), train, ["P0", "P1"], "synthetic", torch.device("cpu"),
+                    torch.float32)
+    mef.complete = real
+    return texts
+
+
+def _teacher_worker(rank, tmp):
+    texts = _teacher_answers(tmp, os.path.join(tmp, "run2"))
+    torch.save(texts, os.path.join(tmp, f"teacher{rank}.pt"))
+
+
+def test_teacher_data_is_generated_by_every_rank_and_equals_one_process(tmp_path):
+    """--teacher under torchrun: each rank samples its own share of the questions (rank 0 once
+    took all of them while the others waited past NCCL's timeout), keyed by question, so the
+    completions, and the file rank 0 writes, are those of one process."""
+    _teacher_setup(str(tmp_path))
+    single = _teacher_answers(str(tmp_path), str(tmp_path / "run1"))
+    run_ranks(_teacher_worker, tmp_path)
+    shares = [torch.load(tmp_path / f"teacher{rank}.pt", weights_only=False) for rank in range(2)]
+    assert [len(s) for s in shares] == [3, 4]  # 7 questions: 3 on rank 0, 4 on rank 1
+    assert {**shares[0], **shares[1]} == single
+    assert (tmp_path / "run2" / "expert1.jsonl").read_text() == (tmp_path / "run1" / "expert1.jsonl").read_text()
+
+
+def _shared_worker(rank, tmp):
+    """Rank 0 claims <tmp>/run; rank 1 looks at <tmp>/node1/run, as a second node with a disk of
+    its own at the same path would: both must stop with the same one line."""
+    import pathlib
+
+    from meml import run_folder
+    from meml.errors import InputError
+    mine = pathlib.Path(tmp) / ("run" if rank == 0 else "node1/run")
+    if rank == 0:
+        run_folder.lock(mine)
+    else:
+        mine.mkdir(parents=True)
+    try:
+        run_folder.check_shared(mine)
+        message = None
+    except InputError as err:
+        message = str(err)
+    pathlib.Path(tmp, f"shared{rank}.txt").write_text(repr(message))
+    healthy = pathlib.Path(tmp) / "run"  # both ranks at the folder rank 0 claimed: nothing to say
+    run_folder.check_shared(healthy)
+
+
+def test_every_rank_must_see_the_run_folder_rank_0_writes(tmp_path):
+    run_ranks(_shared_worker, tmp_path)
+    messages = [(tmp_path / f"shared{rank}.txt").read_text() for rank in range(2)]
+    assert "rank 1 (on " in messages[1] and "does not see the run folder rank 0 writes" in messages[1]
+    assert "one shared filesystem" in messages[0] and messages[0].split(":", 1)[1] == messages[1].split(":", 1)[1]
+
+
 def _launch(tmp_path, nproc, args, script="train.py"):
     """(command, environment) running `script` in nproc processes (torchrun) or in this Python."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]

@@ -302,3 +302,42 @@ def test_ctrl_c_prints_the_last_checkpoint_and_the_resume_command(tmp_path, whol
     assert lines[0].endswith(f"continue with: python train.py --resume {run}")
     assert train.main(["--resume", str(run)]) == 0
     assert _same_weights(run / "checkpoint-000005", whole / "checkpoint-000005")
+
+
+# ---- a checkpoint written on a GPU resumes anywhere, loaded onto the CPU first ----
+
+def test_a_trainer_state_saved_from_cuda_tensors_is_loaded_onto_the_cpu(whole, tmp_path, capsys, monkeypatch):
+    """trainer_state.pt of a GPU run holds CUDA tensors (rank 0's AdamW states, fp32 masters:
+    ~18.6 GB at 1.5B); torch.load without map_location put every rank's copy on cuda:0, and on a
+    machine without CUDA it fails. Written here with the CUDA location tag, as a GPU run writes
+    it: the resume must load it onto the CPU and end where the uninterrupted run ends."""
+    import torch.serialization
+    run = tmp_path / "run"
+    shutil.copytree(whole, run)
+    for name in ("checkpoint-000005", "results.json"):
+        shutil.rmtree(run / name) if name.startswith("checkpoint") else (run / name).unlink()
+    path = run / "checkpoint-000004" / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(state, path)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(path, weights_only=True)  # what a load without map_location does here
+    assert train.main(["--resume", str(run)]) == 0
+    assert "skipping" not in capsys.readouterr().out
+    assert _same_weights(run / "checkpoint-000005", whole / "checkpoint-000005")
+
+
+def test_resume_lets_go_of_the_loaded_optimizer_state():
+    """restore takes the optimizer's tensors out of the loaded state (the run keeps the state
+    dict for its small parts; its big ones must not stay referenced for the whole run)."""
+    from meml.trainer import Stage, restore
+    model = torch.nn.Linear(3, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    state = {"stage": "riel", "step": 1, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+             "generators": {}, "extra": {}}
+    assert restore(state, Stage("riel", 2, 1e-3, 1), torch.optim.AdamW(model.parameters())) == 1
+    assert "optimizer" not in state

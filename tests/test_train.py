@@ -492,3 +492,21 @@ def test_a_riel_run_draws_its_plots_or_says_how_to_get_them(tmp_path, capsys, mo
     pytest.importorskip("matplotlib")
     assert train.main(["--output", str(tmp_path / "with")] + args) == 0
     assert (tmp_path / "with" / "plots" / "riel.png").stat().st_size > 10_000
+
+
+def test_dtype_auto_picks_bf16_on_a_gpu_that_has_it_and_fp32_on_the_cpu(capsys):
+    """A CUDA run used to default to fp32 with TF32 off (~10x slower GEMMs than bf16)."""
+    import argparse
+    from meml.task import precision_of
+    auto = argparse.Namespace(dtype="auto", bf16_weights=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    bf16 = precision_of(auto, cuda, bf16_supported=True)
+    assert (bf16.weights, bf16.compute, bf16.tf32) == (torch.float32, torch.bfloat16, False)
+    assert bf16.describe(cuda) == "bfloat16 autocast on cuda, fp32 master weights"
+    older = precision_of(auto, cuda, bf16_supported=False)  # e.g. a V100: fp32 with TF32 matmuls
+    assert (older.compute, older.tf32) == (torch.float32, True)
+    on_cpu = precision_of(auto, cpu)
+    assert (on_cpu.compute, on_cpu.tf32) == (torch.float32, False)
+    explicit = precision_of(argparse.Namespace(dtype="float32", bf16_weights=False), cuda, bf16_supported=True)
+    assert (explicit.compute, explicit.tf32) == (torch.float32, False)  # asked for: true fp32
+    assert train.parse_args([]).dtype == "auto"
