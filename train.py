@@ -380,15 +380,15 @@ def run_in(run_dir: Path, args, cfg: TrainConfig, precision: Precision, device, 
     task = build_task(args, cfg, run_dir, device, precision)
     task.model.activation_checkpointing = cfg.activation_checkpointing
     write_run_info(run_dir, task, cfg)
-    if checkpoint is not None:  # the fp32 masters when the HF files hold less precision
-        weights = state.pop("master_weights", None) or \
-            Transformer.from_pretrained(checkpoint, dtype=precision.weights, device=device).state_dict()
-        task.model.load_state_dict(weights)  # copied into the model's own tensors; the loaded ones go
-        del weights
-    elif args.init_from is not None:
+    if checkpoint is None and args.init_from is not None:
         init_weights(task, args.init_from, device, precision)
     if cfg.fsdp:  # FSDP2: from here on each rank holds a shard of every weight
-        distributed.shard_model(task.model)
+        distributed.shard_model(task.model, precision.compute)
+    if checkpoint is not None:  # the fp32 masters when the HF files hold less precision
+        weights = state.pop("master_weights", None) or \
+            Transformer.from_pretrained(checkpoint, dtype=precision.weights, device="cpu").state_dict()
+        distributed.load_full_state_dict(task.model, weights)  # a sharded model takes its slices only
+        del weights
     resumed_in_riel = checkpoint is not None and state["stage"] == "riel"
     results = {"after MEF": None, "after RIEL": None}
     if args.init_from is not None:  # the start, evaluated like MEF's end would be

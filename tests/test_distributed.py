@@ -296,6 +296,48 @@ def test_every_rank_must_see_the_run_folder_rank_0_writes(tmp_path):
     assert "one shared filesystem" in messages[0] and messages[0].split(":", 1)[1] == messages[1].split(":", 1)[1]
 
 
+def _gather_worker(rank, tmp):
+    """What a sharded model's checkpoint gathers, and where; which dtype FSDP2 all-gathers in."""
+    from meml import distributed
+    model, _, _ = _world(tmp)
+    whole = {k: v.clone() for k, v in model.state_dict().items()}
+    distributed.shard_model(model, torch.bfloat16)
+    weights = distributed.full_state_dict(model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    dtypes = []  # the dtype of a layer's weights as FSDP2 gathered them for the forward
+    layer = model.model.layers[0]
+    layer.register_forward_pre_hook(lambda module, args: dtypes.extend(p.dtype for p in module.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.tensor([[1, 2, 3, 4]])).float().sum().backward()
+    optimizer.step()
+    state = distributed.full_optimizer_state(optimizer)
+    moments = [v for s in state["state"].values() for v in s.values()]
+    # A resume: a fresh sharded model takes its slices of whole (CPU) tensors.
+    fresh, _, _ = _world(tmp)
+    torch.nn.init.zeros_(fresh.output_weight) if not fresh.config.tie_word_embeddings else None
+    distributed.shard_model(fresh)
+    distributed.load_full_state_dict(fresh, whole)
+    reloaded = distributed.full_state_dict(fresh)
+    torch.save({"weights": weights, "moments": [None if m is None else (m.device.type, m.shape) for m in moments],
+                "gathered_dtypes": sorted({str(d) for d in dtypes}), "whole": whole, "reloaded": reloaded},
+               os.path.join(tmp, f"gather{rank}.pt"))
+
+
+def test_fsdp2_checkpoints_gather_onto_rank_0s_cpu_and_all_gather_in_bf16(tmp_path):
+    """full_state_dict once called full_tensor() on every rank and kept every whole tensor there
+    (18.6 GB per rank at 1.5B): now rank 0 alone keeps them, on its CPU. Under bf16 compute the
+    weights' all-gathers run in bf16 (FSDP2's MixedPrecisionPolicy), not fp32."""
+    run_ranks(_gather_worker, tmp_path)
+    got = [torch.load(tmp_path / f"gather{rank}.pt", weights_only=False) for rank in range(2)]
+    assert got[1]["weights"] == {} and all(m is None for m in got[1]["moments"])
+    assert got[0]["weights"].keys() == got[0]["whole"].keys()
+    for name, t in got[0]["weights"].items():
+        assert t.device.type == "cpu" and torch.equal(t, got[0]["whole"][name]), name
+    assert all(m is not None and m[0] == "cpu" for m in got[0]["moments"])
+    assert got[0]["gathered_dtypes"] == got[1]["gathered_dtypes"] == ["torch.bfloat16"]
+    assert all(torch.equal(got[0]["reloaded"][k], got[0]["whole"][k]) for k in got[0]["whole"])
+
+
 def _launch(tmp_path, nproc, args, script="train.py"):
     """(command, environment) running `script` in nproc processes (torchrun) or in this Python."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
