@@ -13,6 +13,7 @@ checked) and `complete` hands the sampler the tokenizer's stop ids, pad id and v
 limit, so a caller never copies them by hand. RIEL's rollouts (meml/riel.py), MEF's teacher data
 (meml/mef.py) and evaluation (meml/evaluation.py) all generate through `complete`.
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -57,11 +58,40 @@ def complete(model, tokenizer, conversations: list, *, max_new_tokens: int = 256
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": c}] if isinstance(c, str) else c,
                                              add_generation_prompt=True) for c in conversations]
     out = Completions([], prompts, [], [], [], [] if return_entropy else None)
-    with distributed.gathered(model):  # a sharded model: weights gathered once, not per token
-        _generate_into(out, model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, batch_size,
+    with distributed.gathered(model), low_precision_copy(model) as generating:
+        # a sharded model: weights gathered once, not per token; under mixed precision: cast once
+        _generate_into(out, generating, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, batch_size,
                        generator, return_entropy, row_keys)
     out.texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in out.completion_ids]
     return out
+
+
+@contextlib.contextmanager
+def low_precision_copy(model):
+    """The model to generate with: under torch.autocast to bf16 with fp32 weights (mixed
+    precision), a bf16 copy made once for the whole call and freed after, run with autocast off;
+    otherwise the model itself.
+
+    Why: generation runs under inference_mode, where autocast caches no cast weight, so every
+    decode step would cast every fp32 weight to bf16 again (~9 GB of traffic per token at 1.5B),
+    and the KV cache would take the weights' fp32 (twice the memory). The copy's KV cache is
+    bf16; the sampler's log-probs are computed in fp32 either way. A sharded model's gathered
+    weights are already in the compute dtype (FSDP2's MixedPrecisionPolicy): it is used as is."""
+    device = model.output_weight.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    if dtype is None or model.output_weight.dtype == dtype or distributed.is_sharded(model):
+        yield model
+        return
+    cast = {}  # one copy per tensor, so tied weights stay one tensor
+    weights = {name: cast.setdefault(id(t), t.detach().to(dtype)) for name, t in model.state_dict().items()}
+    with torch.device("meta"):
+        copy = type(model)(model.config)
+    copy.load_state_dict(weights, assign=True)
+    copy.tie_weights()
+    copy.eval()
+    del weights, cast
+    with torch.autocast(device, enabled=False):
+        yield copy
 
 
 def _generate_into(out: Completions, model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p,
