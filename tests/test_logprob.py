@@ -136,6 +136,32 @@ def test_ragged_sizes_match_naive(impl, n, v):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture(params=IMPLS)
+def impl_at_real_sizes(request):
+    """As `impl`, but with the shipped block sizes (CHUNK_ELEMENTS, BLOCK_V), not small ones."""
+    if request.param == "triton":
+        request.getfixturevalue("triton_module")
+    return request.param
+
+
+@pytest.mark.parametrize("v", [151936, 151665], ids=["qwen-model-rows", "qwen-tokenizer-ids"])
+@pytest.mark.parametrize("n", [1, 3, 17])
+def test_the_real_vocabulary_at_the_shipped_block_sizes_matches_naive(impl_at_real_sizes, n, v):
+    """Qwen2.5's 151,936 embedding rows and its tokenizer's 151,665 ids (the vocabulary limit the
+    trainer scores over), at the block sizes a GPU run uses: ragged last tiles and chunks that
+    the V <= 300 cases above never reach. Row counts 1, 3 and 17: a single row, fewer rows than
+    one tile's worth of programs, and a ragged number."""
+    hidden, weight, targets = make_problem(n=n, h=8, v=v, seed=n)
+    targets[-1] = v - 1  # the last id, in the ragged last tile
+    expected = values_and_grads(hidden, weight, targets, 0.9, "naive", True)
+    got = values_and_grads(hidden, weight, targets, 0.9, impl_at_real_sizes, True)
+    # The gradient w.r.t. hidden sums 151k fp32 terms of either sign in another order (per block
+    # here, in one GEMM there): 2.8e-5 apart measured; a tile or chunk lost moves it by ~1e-2.
+    for name, g, e, atol in zip(["logp", "entropy", "grad hidden", "grad weight"], got, expected,
+                                [2e-5, 2e-5, 1e-4, 2e-5]):
+        torch.testing.assert_close(g, e, atol=atol, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def test_bf16_matches_naive_and_float64(impl):
     """bf16 tolerance: every path rounds the same logits to bf16 (unit roundoff u = 2^-9), so
     a logit z moves by up to u |z|; log p then moves by up to 2 u max|z| and every p by the
