@@ -20,14 +20,16 @@ choices the paper leaves open and the flag that flips each.
 import argparse
 import json
 import math
+import os
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from meml import data, distributed, plots, run_folder, synthetic
+from meml import data, distributed, memory, plots, run_folder, synthetic
 from meml.buffer import HardExampleBuffer
 from meml.checkpoint import TRAINER_STATE, latest_checkpoint, loadable_checkpoint
 from meml.config import PRESETS, TrainConfig, add_option_flags, flag_name, make_config, overrides_from
@@ -88,6 +90,11 @@ def make_parser() -> argparse.ArgumentParser:
                    help="with --dtype bfloat16: keep the weights and AdamW's states themselves in bf16 "
                         "(half the memory). An update smaller than ~2^-9 of a weight rounds away, so at "
                         "small learning rates (the paper's 1e-6) most updates are lost")
+    g.add_argument("--plan", nargs="?", type=float, const=0.0, metavar="GB",
+                   help="print the memory each device needs (weights, gradients, AdamW states, reference "
+                        "model, rollouts' KV cache, a micro-batch's activations) and what to change if it "
+                        "does not fit, then stop: no weight is loaded, nothing is written. GB: plan for a "
+                        "device of that size (default: --device's)")
     add_option_flags(p)  # every method option of meml/config.py, grouped by stage
     return p
 
@@ -291,6 +298,59 @@ def run_riel(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, ch
 
 
 # ---------------------------------------------------------------------------------------------
+# Memory (meml/memory.py)
+
+def memory_settings(task: Task, cfg: TrainConfig, precision: Precision) -> memory.Settings:
+    """The memory plan's view of this run: its precision, sharding and sizes, its longest prompt
+    and completion (a generated one or a MEF answer)."""
+    world = distributed.world_size() if distributed.world_size() > 1 else int(os.environ.get("WORLD_SIZE", "1"))
+    r = cfg.riel
+    rows = r.questions_per_step * len(task.system_prompts) * r.group_size // world if cfg.run_riel else 0
+    completion = max(r.max_new_tokens if cfg.run_riel else 0, task.longest_answer if cfg.run_mef else 0,
+                     cfg.eval_max_new_tokens)
+    return memory.Settings(weights=precision.weights, compute=precision.compute, shards=world if cfg.fsdp else 1,
+                           reference=cfg.run_riel and r.beta > 0, micro_batch_size=r.micro_batch_size,
+                           rollout_rows=max(1, min(r.rollout_batch_size, rows)), prompt_tokens=task.longest_prompt,
+                           completion_tokens=completion, activation_checkpointing=cfg.activation_checkpointing)
+
+
+def print_plan(args, cfg: TrainConfig, precision: Precision, device) -> int:
+    """--plan: the model's shapes (config.json, no weights), the data's longest prompt, the plan."""
+    with tempfile.TemporaryDirectory() as scratch:  # the synthetic world's assets, thrown away
+        task = build_task(args, cfg, Path(scratch), device, precision, shapes_only=True)
+    settings = memory_settings(task, cfg, precision)
+    budget, where = (args.plan * memory.GB, "the size asked for") if args.plan else (memory.device_bytes(device), str(device))
+    print(memory.format_plan(task.model.config, settings, int(budget), where))
+    return 0
+
+
+def fit_memory(task: Task, cfg: TrainConfig, precision: Precision, device, args) -> TrainConfig:
+    """Print the plan's peak; on a GPU, when --micro-batch-size was not given and the default
+    does not fit, take the largest that does (the gradient is the same, only memory changes),
+    turning on activation checkpointing if not even one row fits."""
+    c, settings = task.model.config, memory_settings(task, cfg, precision)
+    budget = memory.device_bytes(device)
+    peak = memory.plan(c, settings)["total"]
+    chosen = ""
+    if device.type == "cuda" and peak > 0.9 * budget and getattr(args, "riel.micro_batch_size") is None:
+        size = memory.fitting_micro_batch(c, settings, budget)
+        if size is None and getattr(args, "activation_checkpointing") is None:
+            settings.activation_checkpointing = True
+            cfg = replace(cfg, activation_checkpointing=True)
+            size = memory.fitting_micro_batch(c, settings, budget)
+        if size is not None:
+            settings.micro_batch_size = size
+            cfg = replace(cfg, riel=replace(cfg.riel, micro_batch_size=size))
+            peak = memory.plan(c, settings)["total"]
+            chosen = f"; took --micro-batch-size {size}{' with activation checkpointing' if cfg.activation_checkpointing else ''} to fit"
+    print(f"memory plan: {memory.size(peak)} per device of {memory.size(budget)} on {device}{chosen} "
+          "(train.py --plan for the terms)")
+    if peak > 0.9 * budget:
+        print("memory plan: this run may not fit; " + "; ".join(memory.advice(c, settings, budget)), file=sys.stderr)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
 # Reporting
 
 def print_table(results: dict, riel_summary: dict | None, elapsed: float) -> None:
@@ -342,6 +402,8 @@ def run(argv=None) -> int:
         cfg = replace(cfg, run_mef=False)
     precision = precision_of(args, distributed.checked_device(args.device))
     device = distributed.init(args.device)  # under torchrun: join the others; rank 0 alone prints and writes
+    if args.plan is not None:
+        return print_plan(args, cfg, precision, distributed.checked_device(args.device))
     run_dir = args.resume if args.resume else args.output
     # The folder is this run's alone from here on: rank 0 locks it (meml/run_folder.py).
     distributed.agree(lambda: run_folder.claim(run_dir, argv, resume=bool(args.resume), changes=changes))
@@ -378,6 +440,7 @@ def run_in(run_dir: Path, args, cfg: TrainConfig, precision: Precision, device, 
             print(f"resuming from {checkpoint} (stage {state['stage']}, step {state['step']})")
     # 2. What the run trains on; the weights of the checkpoint it resumes from.
     task = build_task(args, cfg, run_dir, device, precision)
+    cfg = fit_memory(task, cfg, precision, device, args)
     task.model.activation_checkpointing = cfg.activation_checkpointing
     write_run_info(run_dir, task, cfg)
     if checkpoint is None and args.init_from is not None:

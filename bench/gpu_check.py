@@ -1,4 +1,4 @@
-"""Every CUDA check and GPU figure of meml in one command, in under 5 minutes on one GPU.
+"""Every CUDA check and GPU figure of meml in one command, in under 10 minutes on one GPU.
 
     python -m bench.gpu_check              # on a machine with a CUDA device
     python -m bench.gpu_check --skip-tests # the figures only
@@ -16,6 +16,11 @@
 4. One mixed-precision (bf16 autocast, fp32 masters) RIEL step at the 0.5B shape: 8 questions x
    3 experts x G = 8 rollouts of 128 tokens, E3 + E5 + E6 active, AdamW; time split into
    generation and update, peak memory.
+5. Checks of what the CPU tests can only approximate (issue 20): every collective meml uses in a
+   one-process NCCL group on RIEL's shapes (contiguity); two bf16 updates in one step (the
+   second sees the first's weights); a save and a resume of train.py on CUDA; which SDPA
+   kernels meml's attention runs; host syncs over a decode step (set_sync_debug_mode); the
+   memory plan against torch.cuda.max_memory_allocated.
 
 Random weights throughout (the shapes decide the time). The figures go to reference_runs/LOG.md
 by hand, with the machine they ran on.
@@ -187,6 +192,151 @@ def riel_step_figure() -> None:
           f"peak {peak_gb(base):.1f} GB")
 
 
+def collectives_check() -> None:
+    """Every collective meml uses, in a one-process NCCL group (gloo in --smoke), on the shapes
+    RIEL produces with 2 questions per rank: NCCL refuses non-contiguous tensors where gloo does
+    not (the riel_metrics gather of a strided [Q, N, G] view did, issue 20)."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    from meml import distributed
+    backend = "nccl" if DEVICE == "cuda" else "gloo"
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group(backend, init_method=f"file://{tmp}/rendezvous", rank=0, world_size=1)
+        try:
+            per_row = torch.arange(3 * 48, dtype=torch.float32, device=DEVICE).view(3, 48)
+            rows = torch.arange(48).view(2, 3, 8)  # Q = 2 questions x N = 3 experts x G = 8
+            gathered = distributed.all_gather_tensor(per_row[:, rows].movedim(0, 1))
+            assert torch.equal(gathered.movedim(1, 0), per_row[:, rows]), "all_gather_tensor"
+            assert distributed.all_reduce_sum([1.0, 2.0]).tolist() == [1.0, 2.0], "all_reduce_sum"
+            assert distributed.all_reduce_max([3, 1]) == [3, 1], "all_reduce_max"
+            assert distributed.all_gather_objects({"a": 1}) == [{"a": 1}], "all_gather_objects"
+            model = torch.nn.Linear(4, 3).to(DEVICE)
+            model(torch.ones(2, 4, device=DEVICE)).sum().backward()
+            distributed.sum_gradients(model)
+            distributed.barrier()
+            print(f"\ncollectives ({backend}, one process, RIEL's shapes with Q = 2 per rank): all passed")
+        finally:
+            dist.destroy_process_group()
+
+
+def second_update_check() -> None:
+    """bf16 autocast, two updates in one step: the second forward must be the updated weights'
+    (autocast once cached the pre-update bf16 weights across optimizer.step())."""
+    import copy
+    import tempfile
+
+    from meml.trainer import Stage, make_optimizer, run_stage
+    model = qwen_05b(torch.float32)
+    ids = torch.randint(2, 1000, (1, 16), device=DEVICE)
+    seen = {}
+
+    def step_fn(step):
+        for update in range(2):
+            if update == 1:
+                seen["weights"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            logits = model(ids)
+            seen[update] = logits.detach().float()
+            logits.float().logsumexp(-1).mean().backward()
+            yield torch.tensor(0.0), {"loss/x": 0.0}
+    stage = Stage("riel", total_steps=1, lr=1e-4, save_every=100, compute_dtype=torch.bfloat16)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_stage(stage, model, make_optimizer(model, stage), step_fn, run_dir=Path(tmp), tokenizer_dir=Path(tmp),
+                  print_fn=lambda *_: None)
+    fresh = copy.deepcopy(model)
+    fresh.load_state_dict(seen["weights"])
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        expected = fresh(ids).float()
+    moved, same = not torch.equal(seen[1], seen[0]), torch.equal(seen[1], expected)
+    print(f"\nbf16, two updates per step: second forward {'sees' if same else 'DOES NOT see'} the updated weights"
+          f" (moved: {moved})")
+    assert moved and same
+
+
+def save_and_resume_check() -> None:
+    """train.py on this device: a run, then the same run stopped after its first RIEL checkpoint
+    and resumed: the same final weights (bit for bit on one device)."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import load_file
+    args = ["--device", DEVICE, "--mef-steps", "2", "--riel-steps", "2", "--save-every", "1", "--train-size", "16",
+            "--eval-size", "2", "--pass-k", "0", "--max-new-tokens", "8", "--eval-max-new-tokens", "8",
+            "--questions-per-step", "2", "--group-size", "4", "--buffer-k", "2", "--mef-batch-size", "8"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("whole", "resumed"):
+            done = subprocess.run([sys.executable, "train.py", "--output", f"{tmp}/{name}"] + args, cwd=REPO_ROOT,
+                                  capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr[-2000:]
+        shutil.rmtree(f"{tmp}/resumed/checkpoint-000004")
+        Path(f"{tmp}/resumed/results.json").unlink()
+        done = subprocess.run([sys.executable, "train.py", "--resume", f"{tmp}/resumed"], cwd=REPO_ROOT,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        a = load_file(f"{tmp}/whole/checkpoint-000004/model.safetensors")
+        b = load_file(f"{tmp}/resumed/checkpoint-000004/model.safetensors")
+        same = all(torch.equal(a[k], b[k]) for k in a)
+    print(f"\nsave and resume on {DEVICE}: final weights {'identical' if same else 'DIFFER'}")
+    assert same
+
+
+def sdpa_and_sync_report() -> None:
+    """Which SDPA kernels meml's attention runs (a training forward with its additive mask, and a
+    decode step), and the host syncs torch reports over one decode step."""
+    import warnings
+
+    from meml.sampler import generate
+    if DEVICE != "cuda":
+        print("\nSDPA kernels and sync debug: CUDA only")
+        return
+    model = qwen_05b(torch.bfloat16).eval()
+    prompts = torch.randint(2, 1000, (4, 32)).tolist()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        generate(model, prompts, max_new_tokens=4, stop_ids=[], pad_id=0, temperature=1.0,
+                 generator=torch.Generator(device=DEVICE).manual_seed(0))
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.key_averages()}
+    kernels = sorted(n for n in names if any(k in n.lower() for k in ("flash", "efficient", "fmha", "attention", "softmax")))
+    print("\nSDPA kernels in prefill + decode: " + (", ".join(k[:60] for k in kernels[:6]) or "none found"))
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generate(model, prompts, max_new_tokens=2, stop_ids=[], pad_id=0, temperature=1.0,
+                 generator=torch.Generator(device=DEVICE).manual_seed(0))
+        torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message).split("\n")[0][:100] for w in caught]
+    print(f"host syncs over a 2-token generation: {len(syncs)}" + ("".join(f"\n  {s}" for s in syncs[:8])))
+
+
+def memory_plan_check() -> None:
+    """The memory plan (train.py --plan) against torch.cuda.max_memory_allocated for one
+    micro-batch's forward and backward plus an AdamW step at the 0.5B shape, bf16 autocast."""
+    from meml import memory
+    from meml.policy import completion_logprobs, pack
+    if DEVICE != "cuda":
+        print("\nmemory plan vs measured peak: CUDA only")
+        return
+    torch.cuda.empty_cache()
+    base = reset_peak()
+    model = qwen_05b(torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
+    rows, prompt, new = 8, 64, 256
+    batch = pack([[3 + r] * prompt for r in range(rows)], [[5 + r] * new for r in range(rows)], 0, DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        completion_logprobs(model, batch).sum().backward()
+    optimizer.step()
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated() - base
+    s = memory.Settings(compute=torch.bfloat16, micro_batch_size=rows, prompt_tokens=prompt, completion_tokens=new)
+    terms = memory.plan(model.config, s)
+    planned = sum(terms[k] for k in ("weights", "gradients", "AdamW states", "update: saved activations",
+                                     "update: autocast weight casts", "update: LM-head logit chunk"))
+    print(f"\nmemory plan vs measured (0.5B shape, {rows} x {prompt}+{new} tokens, bf16 autocast, AdamW step): "
+          f"planned {planned / 2**30:.2f} GiB, measured peak {measured / 2**30:.2f} GiB ({planned / measured:.2f}x)")
+
+
 args_smoke = False
 
 
@@ -201,6 +351,13 @@ def main():
     elif not torch.cuda.is_available():
         sys.exit("gpu_check.py: no CUDA device here; run it on a machine with a GPU (or --smoke)")
     ok = True if args.skip_tests or args.smoke else run_tests()
+    for check in (collectives_check, second_update_check, save_and_resume_check, sdpa_and_sync_report,
+                  memory_plan_check):
+        try:
+            check()
+        except Exception as err:  # noqa: BLE001 -- report every check, then fail at the end
+            print(f"\n{check.__name__} FAILED: {type(err).__name__}: {str(err)[:300]}")
+            ok = False
     logprob_table()
     generation_table()
     riel_step_figure()

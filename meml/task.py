@@ -44,6 +44,8 @@ class Task:
     system_prompts: list[str]       # P_i of the experts taking part
     experts: list[int]              # experts[k]: the expert whose answers train prompt k
     train_source: str               # the file of the training questions ("synthetic" for the world)
+    longest_prompt: int = 0         # tokens of the longest expert prompt (the memory plan's)
+    longest_answer: int = 0         # tokens of the longest MEF answer
 
 
 def split_questions(examples: list[Example], path: Path, eval_size: int) -> tuple[list, list]:
@@ -94,8 +96,10 @@ def precision_of(args, device: torch.device, bf16_supported: bool | None = None)
     return Precision(compute if bf16_weights else torch.float32, compute, compute, tf32)
 
 
-def build_task(args, cfg: TrainConfig, run_dir: Path, device, precision: Precision) -> Task:
-    """The model, tokenizer, questions and expert answers of this run."""
+def build_task(args, cfg: TrainConfig, run_dir: Path, device, precision: Precision, *,
+               shapes_only: bool = False) -> Task:
+    """The model, tokenizer, questions and expert answers of this run. shapes_only: the model
+    on the meta device (no weight read, no memory) and no teacher run: what --plan needs."""
     if args.model is None:  # the built-in synthetic world: assets written once into the run folder
         model_dir = synthetic_assets.write_synthetic_assets(run_dir / "synthetic", seed=cfg.seed)
         pool_size = synthetic_eval_pool(cfg)
@@ -104,16 +108,24 @@ def build_task(args, cfg: TrainConfig, run_dir: Path, device, precision: Precisi
         devs = pool[cfg.eval_size:cfg.eval_size + cfg.dev_size]
         prompts, dataset = list(synthetic.EXPERT_PROMPTS), "synthetic"
         torch.manual_seed(cfg.seed)
-        model = Transformer(ModelConfig.from_json(model_dir / "config.json"))
-        model.init_weights()
-        model = model.to(device=device, dtype=precision.weights)
+        with torch.device("meta" if shapes_only else "cpu"):
+            model = Transformer(ModelConfig.from_json(model_dir / "config.json"))
+        if not shapes_only:
+            model.init_weights()
+            model = model.to(device=device, dtype=precision.weights)
         tokenizer = Tokenizer.from_pretrained(model_dir)
         tokenizer.fit_to_model(model.config.vocab_size, source=str(model_dir))
     else:
         if args.dataset is None or args.data is None:
             raise InputError("--model needs --dataset and --data")
         model_dir, dataset = args.model, args.dataset
-        model, tokenizer = load(model_dir, device=device, dtype=precision.weights)
+        if shapes_only:
+            with torch.device("meta"):
+                model = Transformer(ModelConfig.from_json(Path(model_dir) / "config.json"))
+            tokenizer = Tokenizer.from_pretrained(model_dir)
+            tokenizer.fit_to_model(model.config.vocab_size, source=str(model_dir))
+        else:
+            model, tokenizer = load(model_dir, device=device, dtype=precision.weights)
         examples = data.LOADERS[dataset](args.data)
         if args.eval_data:
             train, evals, eval_source = examples, data.LOADERS[dataset](args.eval_data)[:cfg.eval_size], args.eval_data
@@ -137,7 +149,8 @@ def build_task(args, cfg: TrainConfig, run_dir: Path, device, precision: Precisi
             raise InputError(f"--train-size {args.train_size} leaves no question to train on")
     in_train = {ex.id for ex in train}
     answers = [a for a in answers if a.id in in_train]  # answers to held-out questions never train
-    answers += teacher_answers(args, cfg, run_dir, train, prompts, dataset, device, precision.compute)
+    if not shapes_only:
+        answers += teacher_answers(args, cfg, run_dir, train, prompts, dataset, device, precision.compute)
     answers, dropped = verified_answers(answers, train, dataset)
     experts = [cfg.expert] if cfg.single_expert else list(range(len(prompts)))
     if max(experts) >= len(prompts):
@@ -148,7 +161,7 @@ def build_task(args, cfg: TrainConfig, run_dir: Path, device, precision: Precisi
                          "or --lambda1 0")
     task = Task(model_dir, model, tokenizer, dataset, train, evals, devs, str(eval_source), answers, dropped,
                 [prompts[i] for i in experts], experts, "synthetic" if args.model is None else str(args.data))
-    check_lengths(task, cfg, model.config.max_position_embeddings)
+    task.longest_prompt, task.longest_answer = check_lengths(task, cfg, model.config.max_position_embeddings)
     return task
 
 
@@ -185,11 +198,11 @@ def expert_file_answers(args, examples: list[Example], num_prompts: int) -> list
     return answers
 
 
-def check_lengths(task: Task, cfg: TrainConfig, context: int) -> None:
+def check_lengths(task: Task, cfg: TrainConfig, context: int) -> tuple[int, int]:
     """Every prompt, with the longest completion the run may generate for it (and every MEF
     answer with its prompt), fits the model's context, max_position_embeddings; the first that
     does not is named. (A 5 MB question would otherwise ask for the memory of a million-token
-    attention.)"""
+    attention.) Returns the longest prompt's and MEF answer's tokens."""
     longest = max(task.system_prompts, key=len)
     generated = max(cfg.eval_max_new_tokens, cfg.riel.max_new_tokens if cfg.run_riel else 0)
     prompt_len = {}
@@ -201,10 +214,16 @@ def check_lengths(task: Task, cfg: TrainConfig, context: int) -> None:
                                  f"{generated} generated tokens (--max-new-tokens / --eval-max-new-tokens) it "
                                  f"exceeds the model's context of {context} (max_position_embeddings); shorten "
                                  "or drop it, or generate fewer tokens")
+    longest_answer = 0
     for a in task.answers if cfg.run_mef else []:
-        if a.expert in task.experts and prompt_len.get(a.id, 0) + len(response_ids(task.tokenizer, a.response)) > context:
+        if a.expert not in task.experts:
+            continue
+        answer = len(response_ids(task.tokenizer, a.response))
+        longest_answer = max(longest_answer, answer)
+        if prompt_len.get(a.id, 0) + answer > context:
             raise InputError(f"expert {a.expert}'s answer to question {a.id!r}: with its prompt it is longer than "
                              f"the model's context of {context} tokens (max_position_embeddings)")
+    return max(prompt_len.values(), default=0), longest_answer
 
 
 def synthetic_eval_pool(cfg: TrainConfig) -> int:

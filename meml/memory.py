@@ -1,0 +1,181 @@
+"""Will it fit? The bytes a run needs on each device, known before any weight is loaded.
+
+`train.py --plan` prints this table and stops; every run prints its one-line total at start, and
+on a GPU a run whose micro-batch would not fit takes the largest one that does (micro-batching
+changes memory only, not the gradient). The terms, per device (P parameters, W = world size
+under --fsdp, else 1; b(x) the bytes of dtype x):
+
+  weights          P b(weights) / W           fp32 masters, or bf16 with --bf16-weights
+  gradients        P b(weights) / W
+  AdamW states     2 P b(weights) / W         exp_avg and exp_avg_sq
+  reference model  P b(compute)               E4 (β > 0): the policy as RIEL starts, not sharded
+  then the larger of the two phases of a step:
+  rollouts         the bf16 copy generation runs on (P b(compute), mixed precision), the KV cache
+                   of one sampler call (rows x tokens x layers x 2 x kv_heads x head_dim x
+                   b(compute)) and its [rows, V] fp32 sampling buffers
+  update           the activations autograd keeps for one micro-batch: tokens x layers x the
+                   bytes one decoder layer saves per token (`layer_bytes_per_token`, measured by
+                   running one layer of the model's shape on fake tensors: no memory, the code's
+                   own saved tensors) and the attention mask; the weights' bf16 casts autocast
+                   keeps for the backward (P b(compute)); the LM head's fp32 logit chunk
+
+A micro-batch holds `micro_batch_size` rows of prompt + completion tokens (the prompt counted
+in full: a conservative bound, since rows that share a prompt run it once). With activation
+checkpointing a layer keeps only its input per token, and one layer's activations are rebuilt
+at a time in the backward. tests/test_memory.py checks every term against the tensors a real
+step holds (tiny shape) and against a whole forward on fake tensors at the Qwen2.5-0.5B and
+1.5B shapes, within 15 %.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+
+from meml.logprob import CHUNK_ELEMENTS
+from meml.model import ModelConfig
+
+GB = 1e9
+PROBE_TOKENS = 64  # tokens of the one-layer fake forward that measures a token's activations
+
+
+def bytes_of(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def parameter_count(c: ModelConfig) -> int:
+    attention = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim \
+        + c.num_attention_heads * c.head_dim * c.hidden_size
+    bias = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim if c.attention_bias else 0
+    layer = attention + bias + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size
+    embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    return c.num_hidden_layers * layer + embeddings + c.hidden_size
+
+
+def layer_bytes_per_token(c: ModelConfig, compute: torch.dtype) -> float:
+    """What autograd keeps per token in one decoder layer's forward, found by running one layer
+    of this shape on fake tensors (FakeTensorMode: shapes only, no memory) under
+    saved_tensors_hooks, at two lengths: the difference per token leaves out what does not grow
+    with the tokens (autocast's casts of the layer's weights, counted on their own)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from meml.model import DecoderLayer
+
+    def saved(tokens: int) -> int:
+        with FakeTensorMode():
+            layer = DecoderLayer(c)
+            weights = {p.untyped_storage()._cdata for p in layer.parameters()}
+            found = {}
+
+            def keep(t):
+                storage = t.untyped_storage()
+                if storage._cdata not in weights:
+                    found[storage._cdata] = storage.nbytes()
+                return t
+            x = torch.empty(1, tokens, c.hidden_size, requires_grad=True)
+            cos = torch.empty(1, 1, tokens, c.head_dim)
+            with torch.autocast("cpu", dtype=compute, enabled=compute != torch.float32), \
+                    torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+                layer(x, cos, cos, None, None, 0)
+        return sum(found.values())
+    return (saved(2 * PROBE_TOKENS) - saved(PROBE_TOKENS)) / PROBE_TOKENS
+
+
+@dataclass
+class Settings:
+    """What a run's memory depends on besides the model's shape."""
+    weights: torch.dtype = torch.float32   # --bf16-weights: bfloat16
+    compute: torch.dtype = torch.float32   # --dtype
+    shards: int = 1                        # world size under --fsdp
+    reference: bool = False                # β > 0
+    micro_batch_size: int = 64
+    rollout_rows: int = 256                # rows of one sampler call
+    prompt_tokens: int = 256               # the longest prompt
+    completion_tokens: int = 256           # --max-new-tokens (or the longest MEF answer)
+    activation_checkpointing: bool = False
+
+
+def plan(c: ModelConfig, s: Settings) -> dict[str, int]:
+    """Bytes per device of each term (see the module's docstring), and their peak as "total"."""
+    n = parameter_count(c)
+    w, b = bytes_of(s.weights), bytes_of(s.compute)
+    mixed = s.compute != s.weights
+    tokens = s.prompt_tokens + s.completion_tokens
+    per_layer = layer_bytes_per_token(c, s.compute)
+    rows_tokens = s.micro_batch_size * tokens
+    if s.activation_checkpointing:  # each layer keeps its input; one layer is rebuilt at a time
+        layers = rows_tokens * (c.num_hidden_layers * c.hidden_size * b + per_layer)
+    else:
+        layers = rows_tokens * c.num_hidden_layers * per_layer
+    mask = s.micro_batch_size * s.completion_tokens * tokens * w    # additive [B, 1, T, S]
+    logits = 3 * CHUNK_ELEMENTS * 4                                 # the LM head's fp32 chunk
+    out = {
+        "weights": n * w // s.shards,
+        "gradients": n * w // s.shards,
+        "AdamW states": 2 * n * w // s.shards,
+        "reference model": n * b if s.reference else 0,
+        "rollouts: bf16 weights copy": n * b if mixed else 0,
+        "rollouts: KV cache": s.rollout_rows * tokens * c.num_hidden_layers * 2 * c.num_key_value_heads
+        * c.head_dim * b,
+        "rollouts: sampling buffers": 4 * s.rollout_rows * c.vocab_size * 4,
+        "update: saved activations": int(layers) + mask,
+        "update: autocast weight casts": n * b if mixed else 0,
+        "update: LM-head logit chunk": logits,
+    }
+    static = sum(v for k, v in out.items() if ":" not in k)
+    rollouts = sum(v for k, v in out.items() if k.startswith("rollouts"))
+    update = sum(v for k, v in out.items() if k.startswith("update"))
+    out["total"] = static + max(rollouts, update)
+    return out
+
+
+def device_bytes(device: torch.device) -> int:
+    """The memory a run can use on `device`: the GPU's, or the machine's RAM for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def fitting_micro_batch(c: ModelConfig, s: Settings, budget: int) -> int | None:
+    """The largest micro-batch size, halving from s.micro_batch_size, whose plan fits 90 % of
+    budget; None if not even one row does."""
+    size = s.micro_batch_size
+    while size >= 1:
+        if plan(c, Settings(**{**s.__dict__, "micro_batch_size": size}))["total"] <= 0.9 * budget:
+            return size
+        size //= 2
+    return None
+
+
+def advice(c: ModelConfig, s: Settings, budget: int) -> list[str]:
+    """What to change when the plan exceeds the budget, each with the total it would give."""
+    def total(**change):
+        return plan(c, Settings(**{**s.__dict__, **change}))["total"]
+    out = []
+    fits = fitting_micro_batch(c, s, budget)
+    if fits is not None and fits < s.micro_batch_size:
+        out.append(f"--micro-batch-size {fits}: {size(total(micro_batch_size=fits))}")
+    if not s.activation_checkpointing:
+        out.append(f"--activation-checkpointing: {size(total(activation_checkpointing=True))}")
+    out.append(f"--fsdp under torchrun --nproc_per_node 8: {size(total(shards=8 * s.shards))} per device")
+    if s.weights == torch.float32 and s.compute == torch.bfloat16:
+        out.append(f"--bf16-weights: {size(total(weights=torch.bfloat16))} (small updates are lost; "
+                   "see its help)")
+    return out
+
+
+def size(nbytes: float) -> str:
+    return f"{nbytes / GB:.2f} GB" if nbytes >= 0.1 * GB else f"{nbytes / 1e6:.1f} MB"
+
+
+def format_plan(c: ModelConfig, s: Settings, budget: int, where: str) -> str:
+    terms = plan(c, s)
+    lines = [f"memory plan per device ({parameter_count(c) / 1e6:.2f}M parameters, compute {s.compute}, "
+             f"weights {s.weights}, micro-batch {s.micro_batch_size} x {s.prompt_tokens}+{s.completion_tokens} "
+             f"tokens, rollout batch {s.rollout_rows}{', FSDP over ' + str(s.shards) if s.shards > 1 else ''}"
+             f"{', activation checkpointing' if s.activation_checkpointing else ''}):"]
+    lines += [f"  {name:<32}{size(value):>12}" for name, value in terms.items() if name != "total" and value]
+    lines.append(f"  {'peak':<32}{size(terms['total']):>12} of {size(budget)} ({where})")
+    if terms["total"] > 0.9 * budget:
+        lines.append("  does not fit; each of these would give:")
+        lines += [f"    {a}" for a in advice(c, s, budget)]
+    return "\n".join(lines)
