@@ -36,7 +36,7 @@ from meml.advantage import SCALES
 from meml.buffer import TARGETS
 from meml.errors import InputError
 from meml.kl import ESTIMATORS, INTER_EXPERT_VARIANTS
-from meml.losses import AGGREGATIONS, POLICY_LOSSES
+from meml.losses import AGGREGATIONS, IMPORTANCE_LEVELS, POLICY_LOSSES
 
 SCHEDULES = ("constant", "cosine")
 
@@ -66,18 +66,34 @@ class RielConfig:
                                   section="RIEL loss (E2-E7; [Dn]: README.md, Decisions)")
     advantage_eps: float = option(1e-6, "E2: eps added to the std [D3]", at_least=0)
     positive_only: bool = option(True, "E3: reinforce only above-mean rollouts, max(A, 0) (paper) [D4]")
-    loss: str = option("paper", "policy loss: the paper's E3 or the clipped surrogate E3' [D5]",
+    loss: str = option("paper", "policy loss: the paper's E3, the clipped surrogate E3', or CISPO (the ratio "
+                       "capped and detached as a weight of -A log π, so capped tokens keep a gradient) [D5, D23]",
                        choices=POLICY_LOSSES)
-    clip_eps: float = option(0.2, "E3': the ratio is clipped to [1 - eps, 1 + eps_high]", above=0, at_most=1)
-    clip_eps_high: float | None = option(None, "E3': the upper bound's eps (DAPO's clip-higher; default --clip-eps)",
-                                         above=0)
+    clip_eps: float | None = option(None, "E3': the ratio is clipped to [1 - eps, 1 + eps_high] (default 0.2; "
+                                    "GSPO's 3e-4 at --importance-sampling-level sequence) [D23]", above=0, at_most=1)
+    clip_eps_high: float | None = option(None, "E3': the upper bound's eps (DAPO's clip-higher; default --clip-eps, "
+                                         "GSPO's 4e-4 at sequence level); CISPO: its weight's cap is 1 + this "
+                                         "(default 4) [D23]", above=0)
     num_iterations: int = option(1, "μ: optimizer steps on each rollout batch (TRL's num_iterations, verl's "
                                  "ppo_epochs); the clip of E3' only bites when μ > 1 [D5]", at_least=1)
     recompute_old_logprobs: bool | None = option(None, "π_old from the training forward instead of the sampler's "
                                                  "(default: on unless --dtype float32) [D21]")
     aggregation: str = option("seq_mean_token_mean", "how per-token terms of E3/E4 become one number [D6]",
                               choices=AGGREGATIONS)
-    beta: float = option(0.0, "weight of the reference-model KL, E4 (0 in MEML, 0.04 for GRPO)", at_least=0)
+    # the GRPO variants a comparison needs (D23-D25)
+    importance_sampling_level: str = option("token", "E3'/CISPO's ratio per token (GRPO) or per sequence: the "
+                                            "geometric mean of its tokens' ratios, clipped per sequence (GSPO) "
+                                            "[D23]", choices=IMPORTANCE_LEVELS, section="GRPO variants (D23-D25)")
+    tis_cap: float | None = option(None, "truncated importance sampling: weigh each token's policy term by "
+                                   "min(π_old / π_sampler, C), detached; acts when π_old is recomputed [D24]",
+                                   above=0)
+    mask_truncated: bool = option(False, "completions cut at --max-new-tokens add nothing to E3/E4 (nor to their "
+                                  "denominators) [D25]")
+    overlong_penalty: int = option(0, "DAPO's soft overlong punishment: over the last L tokens before "
+                                   "--max-new-tokens the reward falls linearly to -1, added before E2 (0: off) "
+                                   "[D25]", at_least=0)
+    beta: float = option(0.0, "weight of the reference-model KL, E4 (0 in MEML, 0.04 for GRPO)", at_least=0,
+                         section="RIEL loss, continued (E4-E6)")
     kl_estimator: str = option("k3", "E4's per-token estimator", choices=ESTIMATORS)
     # E5
     lambda1: float = option(0.1, "weight of the inter-expert KL, E5 (0: off) [D9]", at_least=0)
@@ -96,6 +112,20 @@ class RielConfig:
     micro_batch_size: int = option(64, "rows per forward/backward (memory only: the gradient is the same)",
                                    at_least=1, section="RIEL memory")
     rollout_batch_size: int = option(256, "rows per sampler call (memory only)", at_least=1)
+
+
+def clip_bounds(r: RielConfig) -> tuple[float, float]:
+    """(ε, ε_high) of the chosen objective, its own defaults where not given: E3' 0.2 and ε;
+    GSPO (sequence level) 3e-4 and 4e-4, its paper's range (sequence ratios sit much closer to 1
+    than token ratios); CISPO a weight cap of 1 + 4 = 5 (it has no lower cap)."""
+    if r.loss == "cispo":
+        return (r.clip_eps or 0.2), (4.0 if r.clip_eps_high is None else r.clip_eps_high)
+    sequence = r.importance_sampling_level == "sequence"
+    if r.clip_eps is None:
+        low, default_high = (3e-4, 4e-4) if sequence else (0.2, 0.2)
+    else:
+        low = default_high = r.clip_eps
+    return low, default_high if r.clip_eps_high is None else r.clip_eps_high
 
 
 @dataclass
@@ -264,6 +294,15 @@ def validate(cfg: TrainConfig) -> None:
         if m["at_most"] is not None and value > m["at_most"]:
             raise InputError(f"{flag} {value}: must be at most {m['at_most']}")
     r = cfg.riel
+    if r.overlong_penalty > r.max_new_tokens:
+        raise InputError(f"--overlong-penalty {r.overlong_penalty} must be at most --max-new-tokens "
+                         f"{r.max_new_tokens} (the penalty falls over the last L tokens before the limit)")
+    if r.loss == "paper" and (r.importance_sampling_level != "token" or r.clip_eps is not None
+                              or r.clip_eps_high is not None):
+        used = "--importance-sampling-level" if r.importance_sampling_level != "token" else \
+            "--clip-eps" if r.clip_eps is not None else "--clip-eps-high"
+        raise InputError(f"{used} applies to a ratio, which --loss paper has none of: add --loss clipped or "
+                         "--loss cispo")
     if r.buffer_k > r.group_size:
         raise InputError(f"--buffer-k {r.buffer_k} must be at most --group-size {r.group_size} "
                          f"(a group with more than K of its G rollouts wrong enters the buffer)")

@@ -25,7 +25,9 @@ neither the value nor the gradient. Nothing is inferred from token values.
 import torch
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "dr_grpo")
-POLICY_LOSSES = ("paper", "clipped")  # E3 as the paper writes it, E3' the clipped surrogate
+# E3 as the paper writes it, E3' the clipped surrogate, CISPO's clipped and detached weight
+POLICY_LOSSES = ("paper", "clipped", "cispo")
+IMPORTANCE_LEVELS = ("token", "sequence")  # the ratio per token (GRPO) or per sequence (GSPO)
 
 
 def aggregation_denominator(lengths: torch.Tensor, aggregation: str, max_len: int) -> torch.Tensor:
@@ -72,6 +74,22 @@ def aggregate(
     return masked.sum() / denominator
 
 
+def importance_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor,
+                     level: str = "token") -> torch.Tensor:
+    """ρ [B, T]: π_θ / π_old per token ("token"), or GSPO's sequence ratio ("sequence"),
+    s_b = exp( (1/|o_b|) Σ_t (log π_θ − log π_old) ), the same at every token of row b (GSPO:
+    the geometric mean of the token ratios, so a long sequence is not clipped for its length)."""
+    if level not in IMPORTANCE_LEVELS:
+        raise ValueError(f"level={level!r}: expected one of {IMPORTANCE_LEVELS}")
+    mask = mask.bool()
+    # log-ratio 0 on padding, so exp cannot overflow there (its gradient would be nan).
+    log_ratio = (logprobs - old_logprobs.detach()).masked_fill(~mask, 0.0)  # [B, T]
+    if level == "sequence":
+        per_row = log_ratio.sum(1) / mask.sum(1).clamp(min=1)               # [B]
+        log_ratio = per_row[:, None].expand_as(logprobs)
+    return torch.exp(log_ratio)
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     mask: torch.Tensor,
@@ -82,35 +100,54 @@ def policy_loss(
     max_len: int | None = None,
     denominator: torch.Tensor | float | None = None,
     clip_eps_high: float | None = None,
+    *,
+    kind: str | None = None,
+    level: str = "token",
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """E3 (old_logprobs=None) or E3' (old_logprobs given), to be minimised.
+    """E3 (kind "paper", the default without old_logprobs), E3' ("clipped", the default with
+    them) or CISPO ("cispo"), to be minimised.
 
-    logprobs:     [B, T] log π_θ of each sampled token (temperature-scaled logits), with grad
-    mask:         [B, T] 1 on completion tokens (EOS included), 0 elsewhere
-    advantages:   [B] one advantage per sequence (E2), broadcast over its tokens
-    old_logprobs: [B, T] log π_old from the sampling pass (no grad)
+    logprobs:      [B, T] log π_θ of each sampled token (temperature-scaled logits), with grad
+    mask:          [B, T] 1 on completion tokens (EOS included), 0 elsewhere
+    advantages:    [B] one advantage per sequence (E2), broadcast over its tokens
+    old_logprobs:  [B, T] log π_old from the sampling pass (no grad)
+    level:         the ratio ρ per token (GRPO) or per sequence (GSPO), `importance_ratio`
+    token_weights: [B, T] detached weights of each token's term (truncated importance
+                   sampling's min(π_old / π_sampler, C)), or None
 
     E3, the paper's on-policy form:   per token  −A · log π_θ(o_t)
         L_GRPO = (1/N) Σ_i −E_g[ log π_θ(O_g^i) · max(A_g^i, 0) ]; the clamp max(A, 0) is
         applied upstream by `group_advantages(..., positive_only=True)`, so this function takes
         advantages as they are and serves the unclamped baselines unchanged.
-    E3', the clipped surrogate:       per token  −min( ρ_t·A, clip(ρ_t, 1−ε, 1+ε_high)·A ),
-        ρ_t = exp(log π_θ − log π_old); ε_high = clip_eps_high, default ε (DAPO's "clip-higher"
-        raises it). On the first update of a rollout batch ρ = 1 and the gradient equals E3's;
-        the clip bites on later updates of the same batch (--num-iterations): a token whose ρ is
-        past the bound on the side its advantage pushes gets exactly zero gradient.
+    E3', the clipped surrogate:       per token  −min( ρ·A, clip(ρ, 1−ε, 1+ε_high)·A )
+        ε_high = clip_eps_high, default ε (DAPO's "clip-higher" raises it). On the first update
+        of a rollout batch ρ = 1 and the gradient equals E3's; the clip bites on later updates
+        of the same batch (--num-iterations): a token whose ρ is past the bound on the side its
+        advantage pushes gets exactly zero gradient. With level "sequence" this is GSPO.
+    CISPO (MiniMax-M1):               per token  −sg(min(ρ, 1+ε_high)) · A · log π_θ(o_t)
+        the ratio only weighs the REINFORCE term, capped and detached: a capped token keeps its
+        gradient (scaled), where E3' would drop it. No lower cap (clip_eps is not used).
     denominator: the whole batch's, when these rows are one micro-batch of it (`aggregate`).
     """
+    kind = kind or ("paper" if old_logprobs is None else "clipped")
+    if kind not in POLICY_LOSSES:
+        raise ValueError(f"kind={kind!r}: expected one of {POLICY_LOSSES}")
     advantages = advantages.to(logprobs.dtype).unsqueeze(1)  # [B, 1]
-    if old_logprobs is None:
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    if kind == "paper":
         per_token = -advantages * logprobs
     else:
-        # log-ratio 0 on padding, so exp cannot overflow there (its gradient would be nan).
-        log_ratio = (logprobs - old_logprobs.detach()).masked_fill(~mask.bool(), 0.0)
-        ratio = torch.exp(log_ratio)  # [B, T]
-        high = clip_eps if clip_eps_high is None else clip_eps_high
-        clipped = ratio.clamp(1.0 - clip_eps, 1.0 + high)
-        per_token = -torch.minimum(ratio * advantages, clipped * advantages)
+        if old_logprobs is None:
+            raise ValueError(f"kind={kind!r} needs old_logprobs (π_old)")
+        ratio = importance_ratio(logprobs, old_logprobs, mask, level)       # [B, T]
+        if kind == "clipped":
+            clipped = ratio.clamp(1.0 - clip_eps, 1.0 + high)
+            per_token = -torch.minimum(ratio * advantages, clipped * advantages)
+        else:
+            per_token = -ratio.clamp(max=1.0 + high).detach() * advantages * logprobs
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach()
     return aggregate(per_token, mask, aggregation, max_len, denominator)
 
 
@@ -121,16 +158,43 @@ def clip_fraction(
     advantages: torch.Tensor,
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
+    *,
+    kind: str = "clipped",
+    level: str = "token",
 ) -> torch.Tensor:
-    """Fraction of completion tokens whose E3' term is clipped (and so has zero gradient):
-    ρ > 1+ε_high with A > 0, or ρ < 1−ε with A < 0. A scalar for the training log."""
+    """Fraction of completion tokens the clip acts on, a scalar for the training log. E3': the
+    term is clipped (zero gradient), ρ > 1+ε_high with A > 0 or ρ < 1−ε with A < 0. CISPO: the
+    weight is capped, ρ > 1+ε_high (the token keeps a gradient)."""
     high = clip_eps if clip_eps_high is None else clip_eps_high
     with torch.no_grad():
-        ratio = torch.exp(logprobs - old_logprobs)
+        ratio = importance_ratio(logprobs, old_logprobs, mask, level)
         adv = advantages.unsqueeze(1)
-        clipped = ((ratio > 1.0 + high) & (adv > 0)) | ((ratio < 1.0 - clip_eps) & (adv < 0))
+        if kind == "cispo":
+            clipped = ratio > 1.0 + high
+        else:
+            clipped = ((ratio > 1.0 + high) & (adv > 0)) | ((ratio < 1.0 - clip_eps) & (adv < 0))
         mask = mask.bool()
         return (clipped & mask).sum().float() / mask.sum().clamp(min=1).float()
+
+
+def truncated_is_weights(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor,
+                         cap: float) -> torch.Tensor:
+    """Truncated importance sampling [B, T]: min(π_old / π_sampler, cap) per token, detached, 0
+    off the mask. When π_old is recomputed by the training forward (D21) the rollouts were still
+    drawn from the sampler's distribution (which differs under bf16): this weight corrects the
+    policy term for that gap, capped so that a rare token cannot dominate."""
+    log_w = (old_logprobs - sampler_logprobs).detach().masked_fill(~mask.bool(), 0.0)
+    return torch.where(mask.bool(), log_w.exp().clamp(max=cap), 0.0)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment, added to the verifier's reward before E2: 0 for a
+    completion of at most max_len − buffer tokens, then falling linearly to −1 at max_len
+    (where the sampler cuts it): (max_len − buffer − |o|) / buffer. lengths [...] in tokens."""
+    if buffer <= 0:
+        return torch.zeros(lengths.shape)
+    over = (lengths.float() - (max_len - buffer)).clamp(min=0)
+    return -(over / buffer).clamp(max=1.0)
 
 
 def nll_loss(

@@ -32,7 +32,8 @@ Updates: one optimizer step per rollout batch by default (the paper's setting an
 the clipped objective E3' matters only through its value at ρ = 1; with cfg.num_iterations = μ
 the step yields after each of μ backward passes on the same rollouts and the caller steps the
 optimizer in between, π_old staying the first update's (decision D21 says which π_old).
-The decisions this step makes where the paper is silent are D3-D13 and D21 in README.md.
+The decisions this step makes where the paper is silent are D3-D13, D21 and the GRPO variants
+D23-D25 in README.md.
 """
 import itertools
 import math
@@ -44,10 +45,11 @@ import torch
 from meml import distributed
 from meml.advantage import group_advantages, reward_stats
 from meml.buffer import HardExampleBuffer
-from meml.config import RielConfig
+from meml.config import RielConfig, clip_bounds
 from meml.inference import complete
 from meml.kl import inter_expert_kl, inter_expert_kl_full_vocab, plus_rollouts, reference_kl_loss, select_expert_pairs
-from meml.losses import aggregation_denominator, clip_fraction, nll_loss, policy_loss, total_loss
+from meml.losses import (aggregation_denominator, clip_fraction, nll_loss, overlong_penalty, policy_loss, total_loss,
+                         truncated_is_weights)
 from meml.policy import completion_hidden, completion_logprobs, pack
 from meml.prompts import expert_grid, expert_prompt, response_ids
 from meml.rewards import reward
@@ -160,7 +162,8 @@ def select_parts(world: World, ro: Rollouts, rewards, advantages, sft_items, exa
                  cfg: RielConfig) -> tuple[PartRows, int]:
     """The rows of each part of E7; also how many buffer targets fell back to gold (D11)."""
     advantage = ro.per_row(advantages)  # [rows]
-    policy_rows = [r for r in range(len(advantage)) if advantage[r] != 0 or cfg.beta > 0]
+    policy_rows = [r for r in range(len(advantage)) if (advantage[r] != 0 or cfg.beta > 0)
+                   and (ro.finished[r] or not cfg.mask_truncated)]  # D25: a cut completion adds nothing
     plus_rows = minus_rows = plus_question = torch.zeros(0, dtype=torch.long)
     if cfg.lambda1 > 0 and rewards.shape[1] > 1:
         e_plus, e_minus, active = select_expert_pairs(rewards)            # [Q] each
@@ -180,7 +183,9 @@ def select_parts(world: World, ro: Rollouts, rewards, advantages, sft_items, exa
 def denominators(ro: Rollouts, parts: PartRows, cfg: RielConfig) -> Denominators:
     """The whole step's denominators, over every rank's rows (meml/distributed.py): what each
     part's sum is divided by."""
-    lengths = distributed.all_gather_tensor(torch.tensor([len(c) for c in ro.completions]))  # [all rows]
+    lengths = distributed.all_gather_tensor(torch.tensor([len(c) if finished or not cfg.mask_truncated else -1
+                                                          for c, finished in zip(ro.completions, ro.finished)]))
+    lengths = lengths[lengths >= 0]  # [all rows], less those --mask-truncated leaves out (D25)
     return Denominators(
         policy=aggregation_denominator(lengths, cfg.aggregation, cfg.max_new_tokens),
         inter_expert=int(distributed.all_reduce_sum(len(set(parts.plus_question.tolist())))),
@@ -195,6 +200,7 @@ def policy_micro_batches(model, world, ro: Rollouts, advantages, parts: PartRows
     forward's own log-probs (the first update of a recomputing step: ρ = 1), which are then
     recorded in stats["recomputed"] for the step's later updates."""
     tok, advantage = world.tokenizer, ro.per_row(advantages)
+    low, high = clip_bounds(cfg)  # each objective's own defaults (D23)
     for start in range(0, len(parts.policy_rows), cfg.micro_batch_size):
         rows = parts.policy_rows[start:start + cfg.micro_batch_size]
         batch = pack([ro.prompts[r] for r in rows], [ro.completions[r] for r in rows], tok.pad_id,
@@ -210,8 +216,14 @@ def policy_micro_batches(model, world, ro: Rollouts, advantages, parts: PartRows
         else:
             old = _padded([old_logprobs[r] for r in rows], logp.shape[1]).to(logp.device)
         a = advantage[rows].to(logp.device)                                                       # [b]
-        share = {"policy": policy_loss(logp, mask, a, old_logprobs=old if cfg.loss == "clipped" else None,
-                                       clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
+        weights = None
+        if cfg.tis_cap is not None:  # D24: π_old / π_sampler, capped (1 when π_old is the sampler's)
+            weights = truncated_is_weights(old, sampled, mask, cfg.tis_cap)
+            stats["tis_sum"] += weights[mask].sum().item()
+            stats["tis_capped"] += ((old - sampled).exp() > cfg.tis_cap)[mask].sum().item()
+        share = {"policy": policy_loss(logp, mask, a, old_logprobs=None if cfg.loss == "paper" else old,
+                                       clip_eps=low, clip_eps_high=high, kind=cfg.loss,
+                                       level=cfg.importance_sampling_level, token_weights=weights,
                                        aggregation=cfg.aggregation, max_len=cfg.max_new_tokens,
                                        denominator=d.policy)}
         if cfg.beta > 0:
@@ -220,9 +232,10 @@ def policy_micro_batches(model, world, ro: Rollouts, advantages, parts: PartRows
                                                vocab_limit=tok.vocab_size)
             share["reference_kl"] = reference_kl_loss(logp, ref_logp, mask, cfg.kl_estimator,
                                                       cfg.aggregation, cfg.max_new_tokens, d.policy)
-        if cfg.loss == "clipped":
+        if cfg.loss != "paper":
             tokens = mask.sum().item()
-            stats["clip_ratio"] += tokens * clip_fraction(logp, old, mask, a, cfg.clip_eps, cfg.clip_eps_high).item()
+            stats["clip_ratio"] += tokens * clip_fraction(logp, old, mask, a, low, high, kind=cfg.loss,
+                                                          level=cfg.importance_sampling_level).item()
             stats["clip_tokens"] += tokens
         yield share
 
@@ -273,7 +286,8 @@ def backward_e7(model, world: World, ro: Rollouts, rewards, advantages, sft_item
         old_logprobs = ro.old_logprobs
     parts, fallbacks = select_parts(world, ro, rewards, advantages, sft_items, examples_by_id, cfg)
     d = denominators(ro, parts, cfg)
-    stats = {"clip_ratio": 0.0, "clip_tokens": 0, "gap_sum": 0.0, "gap_tokens": 0, "recomputed": {}}
+    stats = {"clip_ratio": 0.0, "clip_tokens": 0, "gap_sum": 0.0, "gap_tokens": 0, "tis_sum": 0.0, "tis_capped": 0,
+             "recomputed": {}}
     values = {"policy": 0.0, "reference_kl": 0.0, "inter_expert_kl": 0.0, "sft": 0.0}
     micro_batches = [policy_micro_batches(model, world, ro, advantages, parts, d, cfg, ref_model, old_logprobs, stats),
                      inter_expert_micro_batches(model, world, ro, parts, d, cfg),
@@ -287,7 +301,8 @@ def backward_e7(model, world: World, ro: Rollouts, rewards, advantages, sft_item
         for _ in range(missing):
             _idle_pass(model, world.tokenizer, forwards_without_grad)
     # every rank holds its share of each part and statistic: their sums are the step's
-    sums = {**values, **{k: stats[k] for k in ("clip_ratio", "clip_tokens", "gap_sum", "gap_tokens")}}
+    sums = {**values, **{k: stats[k] for k in ("clip_ratio", "clip_tokens", "gap_sum", "gap_tokens", "tis_sum",
+                                               "tis_capped")}}
     sums = dict(zip(sums, distributed.all_reduce_sum(list(sums.values())).tolist()))  # one all-reduce
     values, stats = {k: sums[k] for k in values}, {**stats, **sums}
     e7 = total_loss(*(torch.tensor(values[k]) for k in ("policy", "inter_expert_kl", "sft", "reference_kl")),
@@ -297,6 +312,9 @@ def backward_e7(model, world: World, ro: Rollouts, rewards, advantages, sft_item
                "clip_ratio": stats["clip_ratio"] / max(stats["clip_tokens"], 1),
                "logprobs/sampler_trainer_gap": stats["gap_sum"] / max(stats["gap_tokens"], 1),
                "inter_expert/active_questions": d.inter_expert,
+               **({"tis/mean_weight": stats["tis_sum"] / max(stats["gap_tokens"], 1),
+                   "tis/capped_ratio": stats["tis_capped"] / max(stats["gap_tokens"], 1)}
+                  if cfg.tis_cap is not None else {}),
                "buffer/gold_fallbacks": int(distributed.all_reduce_sum(fallbacks))}
     return metrics, stats["recomputed"]
 
@@ -398,13 +416,19 @@ def riel_step(model, world: World, examples, cfg: RielConfig, step_key: int,
     first = distributed.rank() * len(mine)                  # this rank's questions in the step
     ro = sample_rollouts(model, world, mine, cfg, step_key, first)                       # 2a
     t1 = time.time()
-    rewards = distributed.all_gather_tensor(score_rollouts(ro, world, mine))              # 2b [Q, N, G]
-    advantages = group_advantages(rewards, scale=cfg.advantage_scale, eps=cfg.advantage_eps,
+    # 2b [Q, N, G]: the verifier's rewards, and D25's overlong penalty, which only E2 sees
+    penalty = overlong_penalty(torch.tensor([len(c) for c in ro.completions])[ro.rows], cfg.max_new_tokens,
+                               cfg.overlong_penalty)
+    rewards, penalty = distributed.all_gather_tensor(torch.stack([score_rollouts(ro, world, mine), penalty])
+                                                     .movedim(0, -1)).unbind(-1)
+    advantages = group_advantages(rewards + penalty, scale=cfg.advantage_scale, eps=cfg.advantage_eps,
                                   positive_only=cfg.positive_only)                        # 2c [Q, N, G]
     sft_items, inserted = fill_buffer(buffer, examples, rewards) if buffer is not None else ([], 0)  # 2d
     t2 = time.time()
     model.train()
     rollout_metrics = riel_metrics(ro, rewards, advantages)
+    if cfg.overlong_penalty:
+        rollout_metrics["rewards/overlong_penalty"] = penalty.mean().item()
     rewards, advantages = rewards[first:first + len(mine)], advantages[first:first + len(mine)]
     my_items = sft_items[distributed.rank()::distributed.world_size()]  # the buffer's SFT, split
     generated = int(distributed.all_reduce_sum(sum(len(c) for c in ro.completions)))

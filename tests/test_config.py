@@ -23,9 +23,22 @@ def test_every_option_is_a_flag_that_sets_its_field():
         else:
             value = value if value is not None else (1 if f.metadata["at_most"] else 7)
             argv = [flag_name(key), str(value)]
+        if key in RATIO_OPTIONS:  # meaningless without a ratio: the default loss has none (an error)
+            argv += ["--loss", "clipped"]
         cfg = parse(argv)
         got = getattr(cfg.riel, key[5:]) if key.startswith("riel.") else getattr(cfg, key)
         assert got == value, key
+
+
+RATIO_OPTIONS = ("riel.clip_eps", "riel.clip_eps_high", "riel.importance_sampling_level")
+
+
+def test_ratio_options_without_a_ratio_are_refused():
+    for key in RATIO_OPTIONS:
+        f = dict(flag_options())[key]
+        value = f.metadata["choices"][-1] if f.metadata["choices"] else "0.1"
+        with pytest.raises(InputError, match=f"{flag_name(key)} applies to a ratio, which --loss paper has none of"):
+            parse([flag_name(key), value])
 
 
 def test_the_decision_options_have_flags_and_their_choices_are_the_modules_own():

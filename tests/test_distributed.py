@@ -77,8 +77,12 @@ BOTH_ACTIVE = torch.tensor([[[1, 1, 0], [1, 0, 0], [0, 0, 0]],
                             [[0, 0, 0], [1, 0, 1], [0, 1, 0]]], dtype=torch.float)
 
 
-def _e7_step(model, world, ref, rows_of, rewards, items, aggregation, beta=0.1):
-    """backward_e7 on the given questions' rollouts; returns the gradients."""
+VARIANTS = dict(importance_sampling_level="sequence", clip_eps=0.02, tis_cap=1.2, mask_truncated=True)
+
+
+def _e7_step(model, world, ref, rows_of, rewards, items, aggregation, beta=0.1, variants=False):
+    """backward_e7 on the given questions' rollouts; returns the gradients. variants: GSPO's
+    ratio, truncated IS and --mask-truncated (every fourth row of the step cut at the limit)."""
     from meml.advantage import group_advantages
     from meml.config import RielConfig
     from meml.riel import Rollouts, backward_e7
@@ -86,31 +90,32 @@ def _e7_step(model, world, ref, rows_of, rewards, items, aggregation, beta=0.1):
     advantages = group_advantages(rewards, scale="group_std")[rows_of]  # computed on the whole step
     keep = ro.rows[rows_of].flatten().tolist()
     local = Rollouts(torch.arange(len(keep)).view(len(rows_of), 3, G), [ro.prompts[r] for r in keep],
-                     [ro.completions[r] for r in keep], [ro.old_logprobs[r] for r in keep], [True] * len(keep),
-                     [""] * len(keep), [torch.zeros(1)] * len(keep))
+                     [ro.completions[r] for r in keep], [ro.old_logprobs[r] - (0.1 * (r % 3) if variants else 0.0) for r in keep],
+                     [r % 4 != 1 or not variants for r in keep], [""] * len(keep), [torch.zeros(1)] * len(keep))
     cfg = RielConfig(group_size=G, aggregation=aggregation, beta=beta, lambda1=0.5, lambda2=2.0, micro_batch_size=4,
-                     max_new_tokens=14, loss="clipped")
+                     max_new_tokens=14, loss="clipped", **(VARIANTS if variants else {}))
     model.zero_grad()
     metrics, _ = backward_e7(model, world, local, rewards[rows_of], advantages, items, BY_ID, cfg, ref)
     return metrics
 
 
-def _riel_gradients_worker(rank, tmp, aggregation, rewards):
+def _riel_gradients_worker(rank, tmp, aggregation, rewards, variants=False):
     from meml import distributed
     model, world, ref = _world(tmp)
-    metrics = _e7_step(model, world, ref, [rank], rewards, SFT_ITEMS[rank::2], aggregation)
+    metrics = _e7_step(model, world, ref, [rank], rewards, SFT_ITEMS[rank::2], aggregation, variants=variants)
     distributed.sum_gradients(model)
     torch.save({"grads": {n: p.grad for n, p in model.named_parameters()}, "metrics": metrics},
                os.path.join(tmp, f"rank{rank}.pt"))
 
 
-@pytest.mark.parametrize("aggregation, rewards, active", [
-    ("token_mean", REWARDS, 1), ("seq_mean_token_mean", REWARDS, 1), ("dr_grpo", REWARDS, 1),
-    ("token_mean", BOTH_ACTIVE, 2)], ids=["token_mean", "seq_mean", "dr_grpo", "e5-on-both-ranks"])
-def test_riel_gradients_at_world_size_2_equal_world_size_1(tmp_path, aggregation, rewards, active):
-    run_ranks(_riel_gradients_worker, tmp_path, aggregation, rewards)
+@pytest.mark.parametrize("aggregation, rewards, active, variants", [
+    ("token_mean", REWARDS, 1, False), ("seq_mean_token_mean", REWARDS, 1, False), ("dr_grpo", REWARDS, 1, False),
+    ("token_mean", BOTH_ACTIVE, 2, False), ("seq_mean_token_mean", BOTH_ACTIVE, 2, True)],
+    ids=["token_mean", "seq_mean", "dr_grpo", "e5-on-both-ranks", "gspo-tis-mask-truncated"])
+def test_riel_gradients_at_world_size_2_equal_world_size_1(tmp_path, aggregation, rewards, active, variants):
+    run_ranks(_riel_gradients_worker, tmp_path, aggregation, rewards, variants)
     model, world, ref = _world(str(tmp_path))
-    single = _e7_step(model, world, ref, [0, 1], rewards, SFT_ITEMS, aggregation)
+    single = _e7_step(model, world, ref, [0, 1], rewards, SFT_ITEMS, aggregation, variants=variants)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for name, p in model.named_parameters():
