@@ -226,8 +226,9 @@ def run_mef(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, che
           f"{ {i: task.dropped.get(i, 0) for i in task.experts} }), {steps} steps")
     if not items and steps:
         raise InputError(f"MEF has no verified answer to train on for experts {task.experts}")
-    stage = Stage("mef", steps, cfg.mef_lr, cfg.save_every, cfg.grad_clip, cfg.weight_decay,
-                  cfg.warmup_steps, cfg.mef_schedule, compute_dtype=precision.compute, save_dtype=precision.save)
+    stage = Stage("mef", steps, cfg.mef_lr, cfg.save_every, grad_clip=cfg.grad_clip,
+                  weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, schedule=cfg.mef_schedule,
+                  compute_dtype=precision.compute, save_dtype=precision.save)
     optimizer = make_optimizer(task.model, stage)
     start = resume_stage(state, stage, optimizer, checkpoint)
 
@@ -265,8 +266,8 @@ def run_riel(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, ch
     buffer = HardExampleBuffer(r.buffer_capacity, r.buffer_k, r.group_size, cfg.seed) if r.hard_example_buffer else None
     hidden = [name for name, off in [("loss/ref_kl", r.beta == 0), ("loss/inter_expert_kl", r.lambda1 == 0),
                                      ("loss/sft", buffer is None)] if off]
-    stage = Stage("riel", steps, cfg.riel_lr, cfg.save_every, cfg.grad_clip, cfg.weight_decay, 0,
-                  step_offset=mef_steps,
+    stage = Stage("riel", steps, cfg.riel_lr, cfg.save_every, grad_clip=cfg.grad_clip,
+                  weight_decay=cfg.weight_decay, warmup_steps=0, step_offset=mef_steps,
                   extra_state={"buffer": buffer} if buffer is not None else {}, hidden_losses=tuple(hidden),
                   compute_dtype=precision.compute, save_dtype=precision.save)
     ref_model = None

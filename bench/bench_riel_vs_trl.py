@@ -14,10 +14,12 @@ alternating `--rounds` times; a step's time is the median over the measured step
 (the first step of each process is a warm-up). TRL is a benchmark-only dependency:
 
     pip install trl            # not in requirements*.txt
-    python -m bench.bench_riel_vs_trl --models tiny qwen2.5-0.5b --threads 2
+    python -m bench.bench_riel_vs_trl --models tiny tiny-qwen-vocab qwen2.5-0.5b --threads 2
 
-The tiny model uses the synthetic world's tokenizer (vocabulary 512); the Qwen2.5-0.5B shape uses
-the real Qwen2.5 tokenizer from ../shared/data (MEML_SHARED_DATA).
+The tiny model uses the synthetic world's tokenizer (vocabulary 512); tiny-qwen-vocab is the same
+tiny decoder with Qwen2.5's real vocabulary (151,936 rows, hidden 64), where the LM head dominates
+as it does in small real models; the Qwen2.5-0.5B shape and tiny-qwen-vocab use the real Qwen2.5
+tokenizer from ../shared/data (MEML_SHARED_DATA).
 """
 import argparse
 import json
@@ -54,6 +56,10 @@ def write_checkpoint(name: str, folder: Path) -> None:
         config = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
         tokenizer_dir = assets
+    elif name == "tiny-qwen-vocab":  # small real models' regime: the LM head over 151,936 ids dominates
+        config = Qwen2Config(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        tokenizer_dir = SHARED / "tokenizers" / "qwen2.5"
     else:
         config = Qwen2Config(**json.loads((SHARED / "configs" / "Qwen2.5-0.5B-Instruct" / "config.json").read_text()))
         tokenizer_dir = SHARED / "tokenizers" / "qwen2.5"
@@ -155,7 +161,8 @@ def worker(framework: str, folder: Path, steps: int, threads: int) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["tiny", "qwen2.5-0.5b"], choices=["tiny", "qwen2.5-0.5b"])
+    parser.add_argument("--models", nargs="+", default=["tiny", "tiny-qwen-vocab", "qwen2.5-0.5b"],
+                        choices=["tiny", "tiny-qwen-vocab", "qwen2.5-0.5b"])
     parser.add_argument("--steps", type=int, default=4, help="steps per process, the first a warm-up")
     parser.add_argument("--rounds", type=int, default=2, help="processes per framework, alternating")
     parser.add_argument("--threads", type=int, default=2)
@@ -163,7 +170,7 @@ def main():
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker[0], Path(args.worker[1]), args.steps, args.threads)
-    print(f"{'model':<14}{'meml s/step':>13}{'TRL s/step':>12}{'speed-up':>10}{'meml GB':>9}{'TRL GB':>8}")
+    print(f"{'model':<16}{'meml s/step':>13}{'TRL s/step':>12}{'speed-up':>10}{'meml GB':>9}{'TRL GB':>8}")
     for name in args.models:
         with tempfile.TemporaryDirectory() as tmp:
             write_checkpoint(name, Path(tmp))
@@ -179,7 +186,7 @@ def main():
                     measured[framework] += result["times"][1:]
                     peak[framework] = max(peak[framework], result["peak_gb"])
             ours, theirs = statistics.median(measured["meml"]), statistics.median(measured["trl"])
-            print(f"{name:<14}{ours:>13.3f}{theirs:>12.3f}{theirs / ours:>9.2f}x{peak['meml']:>9.2f}{peak['trl']:>8.2f}")
+            print(f"{name:<16}{ours:>13.3f}{theirs:>12.3f}{theirs / ours:>9.2f}x{peak['meml']:>9.2f}{peak['trl']:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -265,7 +265,9 @@ def inter_expert_micro_batches(model, world, ro: Rollouts, parts: PartRows, d: D
 
 
 def sft_micro_batches(model, world, parts: PartRows, d: Denominators, cfg: RielConfig):
-    """E6 on micro-batches of the popped buffer items: yields each one's share of L_SFT."""
+    """E6 on micro-batches of the popped buffer items: yields each one's share of L_SFT. Scored
+    at temperature 1, as MEF's E1 (D2): a target nobody sampled is trained under the model's own
+    distribution, not the sampling one that E3-E5's rollouts came from."""
     tok = world.tokenizer
     for start in range(0, len(parts.sft_targets), cfg.micro_batch_size):
         batch = pack(parts.sft_prompts[start:start + cfg.micro_batch_size],

@@ -128,24 +128,25 @@ def test_riel_gradients_at_world_size_2_equal_world_size_1(tmp_path, aggregation
         assert got["metrics"]["inter_expert/active_questions"] == single["inter_expert/active_questions"] == active
 
 
-def _fsdp_gradients_worker(rank, tmp, beta):
+def _fsdp_gradients_worker(rank, tmp, beta, variants=False):
     from meml import distributed
     model, world, ref = _world(tmp)
     distributed.shard_model(model)
-    metrics = _e7_step(model, world, ref, [rank], REWARDS, SFT_ITEMS[rank::2], "token_mean", beta)
+    metrics = _e7_step(model, world, ref, [rank], REWARDS, SFT_ITEMS[rank::2], "token_mean", beta, variants)
     distributed.sum_gradients(model)  # nothing for a sharded model: its reduce-scatter summed them
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
     torch.save({"grads": grads, "metrics": metrics}, os.path.join(tmp, f"rank{rank}.pt"))
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.1], ids=["rank1-without-policy-rows", "beta"])
-def test_fsdp2_riel_gradients_at_world_size_2_equal_world_size_1(tmp_path, beta):
+@pytest.mark.parametrize("beta, variants", [(0.0, False), (0.1, False), (0.1, True)],
+                         ids=["rank1-without-policy-rows", "beta", "gspo-tis-mask-truncated"])
+def test_fsdp2_riel_gradients_at_world_size_2_equal_world_size_1(tmp_path, beta, variants):
     """The same step with the model sharded by FSDP2 (--fsdp). Rank 1 has no E5 question, one SFT
     item against rank 0's two, and with β = 0 no policy row at all: it pads with zero-weight
     micro-batches, or the step would hang."""
-    run_ranks(_fsdp_gradients_worker, tmp_path, beta)
+    run_ranks(_fsdp_gradients_worker, tmp_path, beta, variants)
     model, world, ref = _world(str(tmp_path))
-    single = _e7_step(model, world, ref, [0, 1], REWARDS, SFT_ITEMS, "token_mean", beta)
+    single = _e7_step(model, world, ref, [0, 1], REWARDS, SFT_ITEMS, "token_mean", beta, variants)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for name, p in model.named_parameters():

@@ -309,3 +309,62 @@ def test_second_update_uses_the_first_updates_log_probs_as_pi_old_and_clips(worl
     expected.backward()
     assert out["loss/policy"] == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
     assert_same_grads(got, grads(model))
+
+
+# ---- pins on the step's wiring that a plausible slip would break (issue 24) ----
+
+def test_every_expert_draws_its_own_rollouts(world):
+    """D22 keys rollout (q, i, g) by (step, question, expert, rollout). With the expert left out
+    of the key, two experts with the same prompt would sample the same completions, and experts
+    in general the same random numbers (correlated samples, against the diversity the method
+    relies on). Here experts 0 and 1 share a prompt: their rollouts must still differ."""
+    from meml.riel import sample_rollouts
+    model, w, _ = world
+    twins = World(w.tokenizer, ["Same prompt.", "Same prompt.", "Other."], "synthetic")
+    cfg = RielConfig(group_size=G, max_new_tokens=10, temperature=1.0)
+    ro = sample_rollouts(model, twins, EXAMPLES, cfg, step_key=1234)
+    for q in range(len(EXAMPLES)):
+        expert0 = [ro.completions[r] for r in ro.rows[q, 0].tolist()]
+        expert1 = [ro.completions[r] for r in ro.rows[q, 1].tolist()]
+        assert ro.prompts[ro.rows[q, 0, 0]] == ro.prompts[ro.rows[q, 1, 0]]
+        assert expert0 != expert1
+    # ... and rollout g of expert i is the same in another batch (only its own key decides)
+    alone = sample_rollouts(model, twins, EXAMPLES[1:], cfg, step_key=1234, first_question=1)
+    assert alone.completions[alone.rows[0, 1, 2]] == ro.completions[ro.rows[1, 1, 2]]
+
+
+@pytest.mark.parametrize("wrong, eligible", [(2, False), (3, True)])
+def test_a_group_enters_the_buffer_only_with_more_than_k_wrong(wrong, eligible):
+    """D10: more than K of G wrong. G = 3, K = 2: a group with exactly 2 wrong never enters, over
+    many coins; one with 3 wrong enters with probability K/G = 2/3."""
+    from meml.buffer import HardExampleBuffer
+    from meml.riel import fill_buffer
+    rewards = torch.ones(2, 3, G)
+    rewards[..., :wrong] = 0.0  # every (question, expert) group: `wrong` of its G rollouts wrong
+    inserted = 0
+    for seed in range(20):
+        buffer = HardExampleBuffer(capacity=100, k=2, g=G, seed=seed)
+        inserted += fill_buffer(buffer, EXAMPLES, rewards)[1]
+    assert (inserted > 0) == eligible
+    if eligible:
+        assert inserted == pytest.approx(20 * 6 * 2 / 3, rel=0.25)  # 120 offers at 2/3
+
+
+def test_the_buffers_sft_is_scored_at_temperature_1(world):
+    """E6, like MEF's E1, is the likelihood of a target nobody sampled: at T = 1, the model's own
+    distribution (D2), while E3-E5 use the sampling temperature of the rollouts they score."""
+    model, w, _ = world
+    ro = make_rollouts(w)
+    items = [("q0", 1), ("q1", 2)]
+    cfg = RielConfig(group_size=G, temperature=0.5, lambda1=0.0, micro_batch_size=4)
+    model.zero_grad()
+    out, _ = backward_e7(model, w, ro, ONE_ACTIVE, torch.zeros(2, 3, G), items, BY_ID, cfg)
+    V = w.tokenizer.vocab_size
+
+    def nll(temperature):
+        logp, mask = padded([seq_logprob(model, expert_prompt(w.tokenizer, w.system_prompts[i], "synthetic", BY_ID[q]),
+                                         response_ids(w.tokenizer, BY_ID[q].solution), V, temperature)
+                             for q, i in items])
+        return nll_loss(logp, mask).item()
+    assert out["loss/sft"] == pytest.approx(nll(1.0), rel=1e-5)
+    assert abs(out["loss/sft"] - nll(0.5)) > 1e-2
