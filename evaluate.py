@@ -23,23 +23,11 @@ import torch
 from meml import distributed, synthetic
 from meml.checkpoint import read_run_info
 from meml.data import LOADERS, question_key
-from meml.errors import ArgumentParser, InputError
+from meml.errors import ArgumentParser, InputError, count_at_least
 from meml.evaluation import evaluate_experts, format_results
 from meml.inference import load
 from meml.prompts import EXPERT_SYSTEM_PROMPTS, read_system_prompts
 from meml.task import precision_of
-
-
-def _count(at_least: int):
-    """An argparse type: an integer of at least `at_least` (a negative --limit would act as a
-    Python slice from the end)."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < at_least:
-            raise argparse.ArgumentTypeError(f"{value}: must be at least {at_least}")
-        return value
-    parse.__name__ = "int"
-    return parse
 
 
 def parse_args(argv=None):
@@ -50,12 +38,12 @@ def parse_args(argv=None):
     p.add_argument("--data", type=Path, help="questions in the data set's original format (not for synthetic)")
     p.add_argument("--system-prompts", type=Path, help="JSON list of the experts' system prompts "
                    "(default: the run's, else the built-in ones)")
-    p.add_argument("--limit", type=_count(1), help="evaluate at most N questions (default: the run's held-out "
+    p.add_argument("--limit", type=count_at_least(1), help="evaluate at most N questions (default: the run's held-out "
                    "questions, else 200)")
-    p.add_argument("--max-new-tokens", type=_count(1), help="completion length limit (default: the run's, else 256)")
-    p.add_argument("--pass-k", type=_count(0), default=4, help="samples per question for pass@k (0: skip)")
+    p.add_argument("--max-new-tokens", type=count_at_least(1), help="completion length limit (default: the run's, else 256)")
+    p.add_argument("--pass-k", type=count_at_least(0), default=4, help="samples per question for pass@k (0: skip)")
     p.add_argument("--seed", type=int, help="seed of sampling and of the synthetic eval split (default: the run's, else 0)")
-    p.add_argument("--batch-size", type=_count(1), default=64, help="rows per sampler call (memory only)")
+    p.add_argument("--batch-size", type=count_at_least(1), default=64, help="rows per sampler call (memory only)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],

@@ -33,7 +33,7 @@ from meml import data, distributed, memory, plots, run_folder, synthetic
 from meml.buffer import HardExampleBuffer
 from meml.checkpoint import TRAINER_STATE, latest_checkpoint, loadable_checkpoint
 from meml.config import PRESETS, TrainConfig, add_option_flags, flag_name, make_config, overrides_from
-from meml.errors import ArgumentParser, InputError
+from meml.errors import ArgumentParser, InputError, count_at_least
 from meml.evaluation import best_expert, evaluate_experts, format_results
 from meml.mef import mef_items, sft_loss
 from meml.model import Transformer
@@ -42,18 +42,6 @@ from meml.sampler import stream_key
 from meml.task import Precision, Task, build_task, init_weights, precision_of, write_run_info
 from meml.trainer import (LossNotFinite, Stage, batch_indices, make_optimizer, mixed_precision, restore, run_stage,
                           truncate_metrics)
-
-
-def _count(at_least: int):
-    """An argparse type: an integer of at least `at_least` (a negative --train-size would act as a
-    Python slice from the end)."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < at_least:
-            raise argparse.ArgumentTypeError(f"{value}: must be at least {at_least}")
-        return value
-    parse.__name__ = "int"
-    return parse
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -68,7 +56,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher", type=Path, action="append", default=[],
                    help="a local teacher checkpoint that writes expert 1, 2, ... data (repeatable)")
     g.add_argument("--system-prompts", type=Path, help="JSON list of the experts' system prompts")
-    g.add_argument("--train-size", type=_count(1), help="use only the first N training questions")
+    g.add_argument("--train-size", type=count_at_least(1), help="use only the first N training questions")
     g.add_argument("--preset", default="meml-grpo", choices=list(PRESETS), help="method, baseline or ablation")
     g = p.add_argument_group("run")
     g.add_argument("--output", type=Path, default=Path("runs/default"),

@@ -2,7 +2,8 @@
 
 `train.py` and `evaluate.py` print such an error as one line, `train.py: <message>`, and exit
 with status 2 as argparse does; every other exception is a bug in meml and keeps its traceback.
-It is a ValueError, so code that catches ValueError still catches it.
+It is a ValueError, so code that catches ValueError still catches it. The two scripts' parser
+(`ArgumentParser`) raises it for a bad flag, so argparse's own errors are that one line too.
 """
 import argparse
 
@@ -17,3 +18,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise InputError(message)
+
+
+def count_at_least(at_least: int):
+    """An argparse type: an integer of at least `at_least` (a negative --train-size or --limit
+    would otherwise act as a Python slice from the end)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < at_least:
+            raise argparse.ArgumentTypeError(f"{value}: must be at least {at_least}")
+        return value
+    parse.__name__ = "int"  # what argparse names in "invalid int value"
+    return parse
