@@ -35,6 +35,7 @@ from meml.checkpoint import TRAINER_STATE, latest_checkpoint, loadable_checkpoin
 from meml.config import PRESETS, TrainConfig, add_option_flags, flag_name, make_config, overrides_from
 from meml.errors import ArgumentParser, InputError, count_at_least
 from meml.evaluation import best_expert, evaluate_experts, format_results
+from meml.losses import E7_PARTS, e7_weights
 from meml.mef import mef_items, sft_loss
 from meml.model import Transformer
 from meml.riel import World, riel_step
@@ -252,8 +253,9 @@ def run_riel(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, ch
     # rollouts draw from keys of (seed, step, question, expert, rollout): nothing to save for
     # resume, the same at any world size (D22); the buffer's coins come from its own generator
     buffer = HardExampleBuffer(r.buffer_capacity, r.buffer_k, r.group_size, cfg.seed) if r.hard_example_buffer else None
-    hidden = [name for name, off in [("loss/ref_kl", r.beta == 0), ("loss/inter_expert_kl", r.lambda1 == 0),
-                                     ("loss/sft", buffer is None)] if off]
+    # the parts of E7 this run leaves out (weight 0; E6 without a buffer) stay off the progress line
+    hidden = [part.metric for name, part in E7_PARTS.items()
+              if e7_weights(r)[name] == 0 or (name == "sft" and buffer is None)]
     stage = Stage("riel", steps, cfg.riel_lr, cfg.save_every, grad_clip=cfg.grad_clip,
                   weight_decay=cfg.weight_decay, warmup_steps=0, step_offset=mef_steps,
                   extra_state={"buffer": buffer} if buffer is not None else {}, hidden_losses=tuple(hidden),

@@ -22,6 +22,8 @@ divided by the constant max_len so that the learning rate means the same across 
 Per-token log-probs come in as [B, T]; whatever sits at masked positions (0, -inf, nan) changes
 neither the value nor the gradient. Nothing is inferred from token values.
 """
+from dataclasses import dataclass
+
 import torch
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "dr_grpo")
@@ -216,24 +218,43 @@ def nll_loss(
     return aggregate(-logprobs, mask, aggregation, max_len, denominator)
 
 
-def total_loss(
-    policy: torch.Tensor | None = None,
-    inter_expert_kl: torch.Tensor | None = None,
-    sft: torch.Tensor | None = None,
-    reference_kl: torch.Tensor | None = None,
-    lambda1: float = 0.1,
-    lambda2: float = 1.0,
-    beta: float = 0.0,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class Part:
+    """One part of E7: the RielConfig field its weight is read from (None: weight 1) and the
+    key it is logged as in metrics.jsonl."""
+    weight: str | None
+    metric: str
+
+
+# E7's parts, in the order their weighted values are summed. The one table the backward, the
+# logged metrics and the total all read (meml/riel.py, train.py): a new term of E7 is a function
+# that computes its share, a line here, and its weight's option in meml/config.py.
+E7_PARTS = {
+    "policy": Part(None, "loss/policy"),                         # E3 / E3' / CISPO
+    "inter_expert_kl": Part("lambda1", "loss/inter_expert_kl"),  # E5
+    "sft": Part("lambda2", "loss/sft"),                          # E6
+    "reference_kl": Part("beta", "loss/ref_kl"),                 # E4
+}
+
+
+def e7_weights(cfg) -> dict[str, float]:
+    """Each part's weight in E7, read from a RielConfig (λ1, λ2, β; the policy term's is 1)."""
+    return {name: 1.0 if part.weight is None else getattr(cfg, part.weight) for name, part in E7_PARTS.items()}
+
+
+def total_loss(parts: dict[str, torch.Tensor | None], weights: dict[str, float]) -> torch.Tensor:
     """E7: L = L_GRPO + λ1·L_KL + λ2·L_SFT  (+ β·L_ref, the optional E4 term; β = 0 for MEML).
 
-    A part that is None is absent (no active question for E5, buffer not full for E6, no
-    reference model for E4); a part whose weight is 0 is left out. The defaults λ1 = 0.1 and
-    λ2 = 1.0 are decision D9 (README.md, "Decisions"). E7 is linear in its parts, so applying it
-    to each micro-batch's share of the parts and summing (meml/riel.py) gives E7 of the whole
-    batch: this function is the only place where λ1, λ2 and β multiply anything.
+    parts: name -> value (or a micro-batch's share of it); a part that is missing or None is
+    absent (no active question for E5, buffer not full for E6, no reference model for E4), a
+    part whose weight is 0 is left out. The defaults λ1 = 0.1 and λ2 = 1.0 are decision D9
+    (README.md, "Decisions"). E7 is linear in its parts, so applying it to each micro-batch's
+    share of the parts and summing (meml/riel.py) gives E7 of the whole batch: this function is
+    the only place where λ1, λ2 and β multiply anything.
     """
-    weighted = [weight * part for weight, part in
-                [(1.0, policy), (lambda1, inter_expert_kl), (lambda2, sft), (beta, reference_kl)]
-                if part is not None and weight != 0.0]
+    unknown = parts.keys() - E7_PARTS.keys()
+    if unknown:
+        raise ValueError(f"{sorted(unknown)} are not parts of E7: add them to meml.losses.E7_PARTS")
+    weighted = [weights[name] * parts[name] for name in E7_PARTS
+                if parts.get(name) is not None and weights[name] != 0.0]
     return sum(weighted[1:], weighted[0]) if weighted else torch.tensor(0.0)

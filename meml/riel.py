@@ -48,8 +48,8 @@ from meml.buffer import HardExampleBuffer
 from meml.config import RielConfig, clip_bounds
 from meml.inference import complete
 from meml.kl import inter_expert_kl, inter_expert_kl_full_vocab, plus_rollouts, reference_kl_loss, select_expert_pairs
-from meml.losses import (aggregation_denominator, clip_fraction, nll_loss, overlong_penalty, policy_loss, total_loss,
-                         truncated_is_weights)
+from meml.losses import (E7_PARTS, aggregation_denominator, clip_fraction, e7_weights, nll_loss, overlong_penalty,
+                         policy_loss, total_loss, truncated_is_weights)
 from meml.policy import completion_hidden, completion_logprobs, pack
 from meml.prompts import expert_grid, expert_prompt, response_ids
 from meml.rewards import reward
@@ -290,14 +290,14 @@ def backward_e7(model, world: World, ro: Rollouts, rewards, advantages, sft_item
     d = denominators(ro, parts, cfg)
     stats = {"clip_ratio": 0.0, "clip_tokens": 0, "gap_sum": 0.0, "gap_tokens": 0, "tis_sum": 0.0, "tis_capped": 0,
              "recomputed": {}}
-    values = {"policy": 0.0, "reference_kl": 0.0, "inter_expert_kl": 0.0, "sft": 0.0}
+    weights, values = e7_weights(cfg), dict.fromkeys(E7_PARTS, 0.0)
     micro_batches = [policy_micro_batches(model, world, ro, advantages, parts, d, cfg, ref_model, old_logprobs, stats),
                      inter_expert_micro_batches(model, world, ro, parts, d, cfg),
                      sft_micro_batches(model, world, parts, d, cfg)]
     idle = _idle_micro_batches(model, parts, cfg)  # a sharded model: every rank makes as many passes
     for generator, missing, forwards_without_grad in zip(micro_batches, idle, (0, 1, 0)):
         for share in generator:
-            total_loss(**share, lambda1=cfg.lambda1, lambda2=cfg.lambda2, beta=cfg.beta).backward()  # E7
+            total_loss(share, weights).backward()  # E7
             for name, value in share.items():
                 values[name] += value.item()
         for _ in range(missing):
@@ -307,10 +307,8 @@ def backward_e7(model, world: World, ro: Rollouts, rewards, advantages, sft_item
                                                "tis_capped")}}
     sums = dict(zip(sums, distributed.all_reduce_sum(list(sums.values())).tolist()))  # one all-reduce
     values, stats = {k: sums[k] for k in values}, {**stats, **sums}
-    e7 = total_loss(*(torch.tensor(values[k]) for k in ("policy", "inter_expert_kl", "sft", "reference_kl")),
-                    lambda1=cfg.lambda1, lambda2=cfg.lambda2, beta=cfg.beta).item()
-    metrics = {"loss/policy": values["policy"], "loss/ref_kl": values["reference_kl"],
-               "loss/inter_expert_kl": values["inter_expert_kl"], "loss/sft": values["sft"], "loss/total": e7,
+    e7 = total_loss({name: torch.tensor(value) for name, value in values.items()}, weights).item()
+    metrics = {**{part.metric: values[name] for name, part in E7_PARTS.items()}, "loss/total": e7,
                "clip_ratio": stats["clip_ratio"] / max(stats["clip_tokens"], 1),
                "logprobs/sampler_trainer_gap": stats["gap_sum"] / max(stats["gap_tokens"], 1),
                "inter_expert/active_questions": d.inter_expert,

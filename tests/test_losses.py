@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from meml.advantage import group_advantages
-from meml.losses import aggregate, clip_fraction, nll_loss, policy_loss, total_loss
+from meml.config import RielConfig
+from meml.losses import E7_PARTS, aggregate, clip_fraction, e7_weights, nll_loss, policy_loss, total_loss
 
 # Three completions of lengths 2, 5 and 3 in a [B=3, T=6] batch; row 2's tokens do not start
 # at position 0 (left-aligned or not, only the mask decides what counts).
@@ -141,11 +142,27 @@ def test_nll_value_by_hand():
 
 def test_total_loss_e7():
     p, kl, sft, ref = torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0), torch.tensor(5.0)
-    assert total_loss(p, kl, sft).item() == pytest.approx(1 + 0.1 * 2 + 1.0 * 3)
-    assert total_loss(p).item() == 1.0
-    assert total_loss(p, sft=sft, lambda2=0.5).item() == pytest.approx(2.5)
-    assert total_loss(p, reference_kl=ref).item() == 1.0  # beta = 0: the MEML preset
-    assert total_loss(p, reference_kl=ref, beta=0.04).item() == pytest.approx(1.2)
+    paper = e7_weights(RielConfig())  # λ1 = 0.1, λ2 = 1, β = 0 (D9)
+    assert total_loss({"policy": p, "inter_expert_kl": kl, "sft": sft}, paper).item() == pytest.approx(1 + 0.1 * 2 + 1.0 * 3)
+    assert total_loss({"policy": p}, paper).item() == 1.0
+    assert total_loss({"policy": p, "sft": sft}, e7_weights(RielConfig(lambda2=0.5))).item() == pytest.approx(2.5)
+    assert total_loss({"policy": p, "reference_kl": ref}, paper).item() == 1.0  # beta = 0: the MEML preset
+    assert total_loss({"policy": p, "reference_kl": ref}, e7_weights(RielConfig(beta=0.04))).item() == pytest.approx(1.2)
+    with pytest.raises(ValueError, match=r"\['entropy'\] are not parts of E7"):
+        total_loss({"policy": p, "entropy": kl}, paper)
+
+
+def test_every_part_of_e7_has_an_option_for_its_weight_and_a_metric():
+    """The table E7_PARTS is read by the backward, the metrics and the total (meml/riel.py): a
+    part added there without its weight's option, or with a metric name another part has,
+    fails here."""
+    from meml.config import flag_options
+    options = {key for key, _ in flag_options()}
+    for name, part in E7_PARTS.items():
+        assert part.weight is None or f"riel.{part.weight}" in options, name
+    metrics = [part.metric for part in E7_PARTS.values()]
+    assert len(set(metrics)) == len(metrics) and all(m.startswith("loss/") for m in metrics)
+    assert list(E7_PARTS)[0] == "policy" and E7_PARTS["policy"].weight is None
 
 
 @pytest.mark.parametrize("old", [None, "given"])

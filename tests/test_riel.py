@@ -368,3 +368,20 @@ def test_the_buffers_sft_is_scored_at_temperature_1(world):
         return nll_loss(logp, mask).item()
     assert out["loss/sft"] == pytest.approx(nll(1.0), rel=1e-5)
     assert abs(out["loss/sft"] - nll(0.5)) > 1e-2
+
+
+def test_the_steps_metrics_and_total_read_every_part_of_e7(world):
+    """Every part in E7_PARTS is logged under its metric, and loss/total is Σ weight x value over
+    the table (worked here from the logged values): a part computed but left out of the table, or
+    logged but left out of the total, fails."""
+    from meml.losses import E7_PARTS, e7_weights
+    model, w, config = world
+    ro = make_rollouts(w)
+    cfg = RielConfig(group_size=G, beta=0.3, lambda1=0.5, lambda2=2.0, micro_batch_size=4, loss="clipped")
+    model.zero_grad()
+    out, _ = backward_e7(model, w, ro, TWO_ACTIVE, group_advantages(TWO_ACTIVE, scale="group_std"),
+                         [("q0", 2)], BY_ID, cfg, tiny_model(config, 1))
+    weights = e7_weights(cfg)
+    assert all(out[part.metric] != 0.0 for part in E7_PARTS.values())  # all four parts active
+    assert out["loss/total"] == pytest.approx(sum(weights[n] * out[p.metric] for n, p in E7_PARTS.items()), rel=1e-6)
+    assert weights == {"policy": 1.0, "inter_expert_kl": 0.5, "sft": 2.0, "reference_kl": 0.3}
