@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from meml import data, distributed, memory, plots, run_folder, synthetic
+from meml import data, distributed, memory, plots, report_to, run_folder, synthetic
 from meml.buffer import HardExampleBuffer
 from meml.checkpoint import TRAINER_STATE, latest_checkpoint, loadable_checkpoint
 from meml.config import PRESETS, TrainConfig, add_option_flags, flag_name, make_config, overrides_from
@@ -79,6 +79,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="with --dtype bfloat16: keep the weights and AdamW's states themselves in bf16 "
                         "(half the memory). An update smaller than ~2^-9 of a weight rounds away, so at "
                         "small learning rates (the paper's 1e-6) most updates are lost")
+    g.add_argument("--report-to", default="none", choices=report_to.CHOICES,
+                   help="also write every metrics.jsonl figure as TensorBoard scalars into RUN/tensorboard "
+                        "(needs pip install tensorboard)")
     g.add_argument("--plan", nargs="?", type=float, const=0.0, metavar="GB",
                    help="print the memory each device needs (weights, gradients, AdamW states, reference "
                         "model, rollouts' KV cache, a micro-batch's activations) and what to change if it "
@@ -94,7 +97,7 @@ def parse_args(argv=None):
 
 # What may change when a run continues (`--resume RUN --riel-steps 400`): how long it runs and
 # how it reports, never what it computes. Every other flag given with --resume is an error.
-RESUME_MAY_CHANGE = ("riel_steps", "save_every", "sample_every", "threads", "device")
+RESUME_MAY_CHANGE = ("riel_steps", "save_every", "sample_every", "threads", "device", "report_to")
 # Flags that describe a real checkpoint's task: without --model they would be silently unused.
 MODEL_ONLY = ("dataset", "data", "eval_data", "expert_data", "teacher", "system_prompts")
 
@@ -207,7 +210,7 @@ def mef_steps_of(task: Task, cfg: TrainConfig) -> int:
 
 
 def run_mef(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, checkpoint: Path | None,
-            precision: Precision) -> None:
+            precision: Precision, report=None) -> None:
     """Stage 1, E1: SFT of every expert prompt on its expert's verified answers."""
     items = mef_items(task.tokenizer, task.train, task.answers, task.system_prompts, task.dataset, task.experts)
     steps = mef_steps_of(task, cfg)
@@ -232,7 +235,7 @@ def run_mef(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, che
 
     task.model.train()
     run_stage(stage, task.model, optimizer, mef_step, run_dir=run_dir, tokenizer_dir=task.model_dir,
-              start_step=start, log_every=max(1, steps // 20))
+              start_step=start, log_every=max(1, steps // 20), report=report)
 
 
 def riel_settings(cfg: TrainConfig, precision: Precision):
@@ -244,7 +247,7 @@ def riel_settings(cfg: TrainConfig, precision: Precision):
 
 
 def run_riel(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, checkpoint: Path | None,
-             mef_steps: int, carry: dict, device, precision: Precision) -> None:
+             mef_steps: int, carry: dict, device, precision: Precision, report=None) -> None:
     """Stage 2, E2-E7: `riel_step` on batches of questions, --num-iterations optimizer steps each."""
     r = riel_settings(cfg, precision)
     steps = cfg.riel_steps if cfg.riel_steps is not None else math.ceil(len(task.train) * cfg.riel_epochs / r.questions_per_step)
@@ -285,7 +288,7 @@ def run_riel(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, ch
     run_stage(stage, task.model, optimizer, riel_step_at, run_dir=run_dir, tokenizer_dir=task.model_dir,
               start_step=start, carry=carry, sample_every=cfg.sample_every,
               log_every=max(1, min(steps_per_epoch, steps) // 20),
-              probe=curve_probe(task, cfg, precision, steps))
+              probe=curve_probe(task, cfg, precision, steps), report=report)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,6 +389,7 @@ def run(argv=None) -> int:
     if args.resume:
         args, argv, changes = resumed_args(args, argv)
     check_applicable(args)
+    report_to.require(args.report_to)
     cfg = make_config(args.preset, synthetic=args.model is None, overrides=overrides_from(args))
     if args.init_from is not None:
         if not cfg.run_riel:
@@ -448,17 +452,20 @@ def run_in(run_dir: Path, args, cfg: TrainConfig, precision: Precision, device, 
     if args.init_from is not None:  # the start, evaluated like MEF's end would be
         results = {"before RIEL": state["carry"]["before RIEL"] if resumed_in_riel else evaluate(task, cfg, precision),
                    "after RIEL": None}
+    report = report_to.make_report(args.report_to, run_dir) if distributed.is_main() else None
     # 3. Stage 1, MEF (E1).
     mef_steps = mef_steps_of(task, cfg) if cfg.run_mef else 0
     if cfg.run_mef:
         if not resumed_in_riel:
-            run_mef(task, cfg, run_dir, state, checkpoint, precision)
+            run_mef(task, cfg, run_dir, state, checkpoint, precision, report)
         results["after MEF"] = state["carry"]["after MEF"] if resumed_in_riel else evaluate(task, cfg, precision)
     # 4. Stage 2, RIEL (E2-E7).
     if cfg.run_riel:
         carry = {k: v for k, v in results.items() if k != "after RIEL"}  # kept in checkpoints for --resume
-        run_riel(task, cfg, run_dir, state, checkpoint, mef_steps, carry, device, precision)
+        run_riel(task, cfg, run_dir, state, checkpoint, mef_steps, carry, device, precision, report)
         results["after RIEL"] = evaluate(task, cfg, precision)
+    if report is not None:
+        report.close()
     # 5. Report (E8).
     if not cfg.run_mef and not cfg.run_riel:
         return 0

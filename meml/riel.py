@@ -434,6 +434,7 @@ def riel_step(model, world: World, examples, cfg: RielConfig, step_key: int,
     generated = int(distributed.all_reduce_sum(sum(len(c) for c in ro.completions)))
     rollout_metrics.update({
         "buffer/fill": len(buffer) if buffer is not None else 0,
+        **({"buffer/capacity": buffer.capacity} if buffer is not None else {}),
         "buffer/insertions": inserted,
         "buffer/sft_triggers": len(sft_items) // buffer.capacity if buffer is not None else 0,
         "buffer/sft_items": len(sft_items),

@@ -161,6 +161,13 @@ def _progress_line(stage: Stage, step: int, metrics: dict, eta: float) -> str:
         per_expert = " ".join(f"{v:.2f}" for k, v in sorted(metrics.items())
                               if k.startswith("rewards/expert_") and k.endswith("/mean"))
         parts.append(f"reward {metrics['reward']:.3f} [{per_expert}]")
+        watched = []  # what a MEML user watches besides the reward: E5's reach, the buffer's fill
+        if "loss/inter_expert_kl" not in stage.hidden_losses and "inter_expert/active_questions" in metrics:
+            watched.append(f"E5 on {metrics['inter_expert/active_questions']} q")
+        if "loss/sft" not in stage.hidden_losses and "buffer/capacity" in metrics:
+            watched.append(f"buffer {metrics['buffer/fill']}/{metrics['buffer/capacity']}")
+        if watched:
+            parts.append(", ".join(watched))
     losses = " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in metrics.items()
                       if k.startswith("loss/") and k not in stage.hidden_losses)
     parts.append(f"loss {losses}")
@@ -171,12 +178,13 @@ def _progress_line(stage: Stage, step: int, metrics: dict, eta: float) -> str:
 
 def run_stage(stage: Stage, model, optimizer, step_fn, *, run_dir: Path, tokenizer_dir: Path,
               start_step: int = 0, carry: dict | None = None, log_every: int = 1,
-              sample_every: int = 10, print_fn=print, probe=None) -> None:
+              sample_every: int = 10, print_fn=print, probe=None, report=None) -> None:
     """Run steps start_step .. total_steps-1 of one stage, checkpointing as it goes.
 
     probe(step) -> dict, if given, is called before the first step (step 0, logged as a line of
     its own) and after every step (merged into that step's line): e.g. a learning curve's
-    evaluation, which returns {} on the steps it skips. Every rank calls it."""
+    evaluation, which returns {} on the steps it skips. Every rank calls it. report(stage,
+    global step, metrics, samples), if given, is handed each metrics line (rank 0)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     carry = carry or {}
@@ -212,6 +220,9 @@ def run_stage(stage: Stage, model, optimizer, step_fn, *, run_dir: Path, tokeniz
             if main:
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
+                if report is not None:  # --report-to: the same line elsewhere (meml/report_to.py)
+                    report(stage.name, stage.step_offset + step + 1, metrics,
+                           samples if (step + 1) % sample_every == 0 else None)
             if main and samples and (step + 1) % sample_every == 0:
                 with open(run_dir / "samples.jsonl", "a") as f:
                     f.write(json.dumps({"stage": stage.name, "step": step + 1, "samples": samples}) + "\n")
