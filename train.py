@@ -33,7 +33,7 @@ from meml import data, distributed, memory, plots, report_to, run_folder, synthe
 from meml.buffer import HardExampleBuffer
 from meml.checkpoint import TRAINER_STATE, latest_checkpoint, loadable_checkpoint
 from meml.config import PRESETS, TrainConfig, add_option_flags, flag_name, make_config, overrides_from
-from meml.errors import ArgumentParser, InputError, count_at_least
+from meml.errors import ArgumentParser, InputError, count_at_least, positive_number
 from meml.evaluation import best_expert, evaluate_experts, format_results
 from meml.losses import E7_PARTS, e7_weights
 from meml.mef import mef_items, sft_loss
@@ -82,7 +82,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--report-to", default="none", choices=report_to.CHOICES,
                    help="also write every metrics.jsonl figure as TensorBoard scalars into RUN/tensorboard "
                         "(needs pip install tensorboard)")
-    g.add_argument("--plan", nargs="?", type=float, const=0.0, metavar="GB",
+    g.add_argument("--plan", nargs="?", type=positive_number, const=0.0, metavar="GB",
                    help="print the memory each device needs (weights, gradients, AdamW states, reference "
                         "model, rollouts' KV cache, a micro-batch's activations) and what to change if it "
                         "does not fit, then stop: no weight is loaded, nothing is written. GB: plan for a "
@@ -93,6 +93,14 @@ def make_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None):
     return make_parser().parse_args(argv)
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """The options named on this command line (whatever their values, defaults included)."""
+    parser = make_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
 
 
 # What may change when a run continues (`--resume RUN --riel-steps 400`): how long it runs and
@@ -115,8 +123,7 @@ def resumed_args(args, argv: list[str]) -> tuple[argparse.Namespace, list[str], 
         raise InputError(f"{saved_file}: not the JSON list of arguments train.py writes ({err})") from None
     if not (isinstance(saved, list) and all(isinstance(a, str) for a in saved)):
         raise InputError(f"{saved_file}: not the JSON list of arguments train.py writes")
-    parser = make_parser()
-    given = [k for k, v in vars(args).items() if k != "resume" and v != parser.get_default(k)]
+    given = sorted(given_flags(argv) - {"resume"})
     refused = [k for k in given if k not in RESUME_MAY_CHANGE]
     if refused:
         raise InputError(f"{flag_name(refused[0])}: --resume continues {args.resume} with the arguments it "
@@ -127,6 +134,8 @@ def resumed_args(args, argv: list[str]) -> tuple[argparse.Namespace, list[str], 
         if token == "--resume" or (i > 0 and argv[i - 1] == "--resume") or token.startswith("--resume="):
             continue
         changes.append(token)
+    if "--dtype" not in saved:  # written before --dtype auto existed, when the default was float32
+        saved = saved + ["--dtype", "float32"]
     command = saved + changes
     return parse_args(command + ["--resume", str(args.resume)]), command, changes
 
@@ -153,8 +162,7 @@ def resume_stage(state: dict | None, stage: Stage, optimizer, checkpoint: Path |
         step = restore(state, stage, optimizer)
     except ValueError as err:
         raise InputError(f"cannot resume from {checkpoint / TRAINER_STATE}: {err}") from None
-    if distributed.is_main():
-        truncate_metrics(checkpoint.parent / "metrics.jsonl", state["stage"], state["step"])
+    distributed.agree(lambda: truncate_metrics(checkpoint.parent / "metrics.jsonl", state["stage"], state["step"]))
     return step
 
 
@@ -330,8 +338,9 @@ def fit_memory(task: Task, cfg: TrainConfig, precision: Precision, device, args)
         size = memory.fitting_micro_batch(c, settings, budget)
         if size is None and getattr(args, "activation_checkpointing") is None:
             settings.activation_checkpointing = True
-            cfg = replace(cfg, activation_checkpointing=True)
             size = memory.fitting_micro_batch(c, settings, budget)
+            settings.activation_checkpointing = size is not None
+            cfg = replace(cfg, activation_checkpointing=size is not None)
         if size is not None:
             settings.micro_batch_size = size
             cfg = replace(cfg, riel=replace(cfg.riel, micro_batch_size=size))
@@ -395,15 +404,18 @@ def run(argv=None) -> int:
         if not cfg.run_riel:
             raise InputError(f"--init-from skips MEF, and --preset {cfg.preset} has no RIEL stage: nothing to run")
         cfg = replace(cfg, run_mef=False)
+    if args.plan is not None:  # planning for another machine's device: the name is enough
+        planned = torch.device(distributed.device_name(args.device))
+        return print_plan(args, cfg, precision_of(args, planned, bf16_supported=True), planned)
     precision = precision_of(args, distributed.checked_device(args.device))
     device = distributed.init(args.device)  # under torchrun: join the others; rank 0 alone prints and writes
-    if args.plan is not None:
-        return print_plan(args, cfg, precision, distributed.checked_device(args.device))
     run_dir = args.resume if args.resume else args.output
+    if not args.resume and args.dtype == "auto":  # what auto chose is the run's: a resume keeps it
+        argv = argv + ["--dtype", str(precision.compute).removeprefix("torch.")]
     # The folder is this run's alone from here on: rank 0 locks it (meml/run_folder.py).
     distributed.agree(lambda: run_folder.claim(run_dir, argv, resume=bool(args.resume), changes=changes))
-    run_folder.check_shared(run_dir)  # several nodes: every rank sees what rank 0 writes
     try:
+        run_folder.check_shared(run_dir)  # several nodes: every rank sees what rank 0 writes
         return run_in(run_dir, args, cfg, precision, device, started)
     except (InputError, OSError):
         if not args.resume and distributed.is_main():
@@ -452,24 +464,16 @@ def run_in(run_dir: Path, args, cfg: TrainConfig, precision: Precision, device, 
     if args.init_from is not None:  # the start, evaluated like MEF's end would be
         results = {"before RIEL": state["carry"]["before RIEL"] if resumed_in_riel else evaluate(task, cfg, precision),
                    "after RIEL": None}
-    report = report_to.make_report(args.report_to, run_dir) if distributed.is_main() else None
-    # 3. Stage 1, MEF (E1).
-    mef_steps = mef_steps_of(task, cfg) if cfg.run_mef else 0
-    if cfg.run_mef:
-        if not resumed_in_riel:
-            run_mef(task, cfg, run_dir, state, checkpoint, precision, report)
-        results["after MEF"] = state["carry"]["after MEF"] if resumed_in_riel else evaluate(task, cfg, precision)
-    # 4. Stage 2, RIEL (E2-E7).
-    if cfg.run_riel:
-        carry = {k: v for k, v in results.items() if k != "after RIEL"}  # kept in checkpoints for --resume
-        run_riel(task, cfg, run_dir, state, checkpoint, mef_steps, carry, device, precision, report)
-        results["after RIEL"] = evaluate(task, cfg, precision)
-    if report is not None:
-        report.close()
+    # 3-4. The two stages, reported as they go (--report-to)
+    resumed_at = int(checkpoint.name.split("-")[1]) if checkpoint is not None else None
+    report = report_to.make_report(args.report_to, run_dir, resumed_at) if distributed.is_main() else None
+    try:
+        results = run_stages(task, cfg, run_dir, state, checkpoint, results, device, precision, report)
+    finally:
+        if report is not None:
+            report.close()
     # 5. Report (E8).
-    if not cfg.run_mef and not cfg.run_riel:
-        return 0
-    if not distributed.is_main():
+    if (not cfg.run_mef and not cfg.run_riel) or not distributed.is_main():
         return 0
     riel_summary = summarise_riel(run_dir / "metrics.jsonl", len(task.system_prompts)) if cfg.run_riel else None
     (run_dir / "results.json").write_text(json.dumps({"preset": cfg.preset, "results": results,
@@ -484,6 +488,23 @@ def run_in(run_dir: Path, args, cfg: TrainConfig, precision: Precision, device, 
                   "pip install matplotlib, then python -c \"from meml.plots import plot_run; "
                   f"plot_run('{run_dir}')\"")
     return 0
+
+
+def run_stages(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, checkpoint: Path | None,
+               results: dict, device, precision: Precision, report) -> dict:
+    """Stage 1, MEF (E1), then stage 2, RIEL (E2-E7), each evaluated (E8) as it ends; a resumed
+    run skips what its checkpoint already holds."""
+    resumed_in_riel = checkpoint is not None and state["stage"] == "riel"
+    mef_steps = mef_steps_of(task, cfg) if cfg.run_mef else 0
+    if cfg.run_mef:
+        if not resumed_in_riel:
+            run_mef(task, cfg, run_dir, state, checkpoint, precision, report)
+        results["after MEF"] = state["carry"]["after MEF"] if resumed_in_riel else evaluate(task, cfg, precision)
+    if cfg.run_riel:
+        carry = {k: v for k, v in results.items() if k != "after RIEL"}  # kept in checkpoints for --resume
+        run_riel(task, cfg, run_dir, state, checkpoint, mef_steps, carry, device, precision, report)
+        results["after RIEL"] = evaluate(task, cfg, precision)
+    return results
 
 
 def main(argv=None) -> int:

@@ -123,8 +123,8 @@ def load_trainer_state(checkpoint_dir: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {checkpoint_dir} is not a complete meml "
                                 f"checkpoint (expected config.json, model.safetensors, {TRAINER_STATE})")
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
+    try:  # memory-mapped: ranks on one node share the page cache instead of a copy each
+        state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
     except Exception as err:  # noqa: BLE001 -- damaged bytes raise whatever the unpickler meets first
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         raise InputError(f"{path}: unreadable ({first_line})") from None
@@ -135,22 +135,29 @@ def load_trainer_state(checkpoint_dir: Path) -> dict:
 
 def loadable_checkpoint(run_dir: Path, print_fn=print) -> tuple[Path | None, dict | None]:
     """The newest checkpoint of the run folder that can be read, and its trainer state; newer
-    ones that cannot are named with the reason and renamed <name>.unreadable (by rank 0)."""
-    skipped, found = [], (None, None)
-    for checkpoint in reversed(list_checkpoints(run_dir)):
-        try:
-            state = load_trainer_state(checkpoint)
-            checkpoint_files(checkpoint)  # opens each safetensors file's header
-            found = checkpoint, state
-            break
-        except (InputError, OSError) as err:
-            print_fn(f"skipping {checkpoint.name}: {err}")
-            skipped.append(checkpoint)
-    distributed.barrier()  # every rank has read what it needs before rank 0 renames anything
-    if distributed.is_main():
-        for checkpoint in skipped:
-            os.rename(checkpoint, checkpoint.with_name(checkpoint.name + ".unreadable"))
-    return found
+    ones that cannot are named with the reason and renamed <name>.unreadable. Rank 0 decides and
+    every rank loads the one it chose. Checkpoints that exist but none readable is an error
+    (nothing is renamed): a resume never silently starts a run over."""
+    def choose():
+        for checkpoint in reversed(list_checkpoints(run_dir)):
+            try:
+                load_trainer_state(checkpoint)
+                checkpoint_files(checkpoint)  # opens each safetensors file's header
+                return checkpoint.name, skipped
+            except (InputError, OSError) as err:
+                print_fn(f"skipping {checkpoint.name}: {err}")
+                skipped.append(checkpoint.name)
+        if skipped:
+            raise InputError(f"no checkpoint in {run_dir} can be read ({', '.join(skipped)}: see above); "
+                             "nothing was changed")
+        return None, skipped
+    skipped, found = [], [None]
+    distributed.agree(lambda: found.__setitem__(0, choose()))  # rank 0 alone runs it
+    name, skipped = distributed.all_gather_objects(found[0])[0]
+    if name is None:
+        return None, None
+    distributed.agree(lambda: [os.rename(run_dir / s, run_dir / f"{s}.unreadable") for s in skipped])
+    return Path(run_dir) / name, load_trainer_state(Path(run_dir) / name)
 
 
 def read_run_info(checkpoint_dir: Path) -> dict | None:

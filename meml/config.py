@@ -303,6 +303,8 @@ def validate(cfg: TrainConfig) -> None:
             "--clip-eps" if r.clip_eps is not None else "--clip-eps-high"
         raise InputError(f"{used} applies to a ratio, which --loss paper has none of: add --loss clipped or "
                          "--loss cispo")
+    if r.loss == "cispo" and r.clip_eps is not None:
+        raise InputError("--clip-eps: CISPO has no lower cap on its weight (its cap is 1 + --clip-eps-high)")
     if r.buffer_k > r.group_size:
         raise InputError(f"--buffer-k {r.buffer_k} must be at most --group-size {r.group_size} "
                          f"(a group with more than K of its G rollouts wrong enters the buffer)")

@@ -61,13 +61,19 @@ def init(device: str) -> torch.device:
     return device
 
 
+def device_name(name: str) -> str:
+    """--device NAME checked to be a name torch knows (whether or not this machine has it)."""
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    return name
+
+
 def checked_device(name: str) -> torch.device:
     """--device NAME as a torch.device, or an error naming the flag: a name torch does not know,
     or a CUDA device this machine does not have."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"--device {name}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    device = torch.device(device_name(name))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {name}: this machine has no CUDA device (torch.cuda.is_available() is "
                          f"False, torch {torch.__version__}); use --device cpu")
@@ -77,14 +83,14 @@ def checked_device(name: str) -> torch.device:
 
 
 def agree(check) -> None:
-    """Run check() on rank 0 alone (e.g. claiming the run folder) and stop every rank with the
-    InputError it raised, so a refusal is one line on every rank instead of a hang at the next
-    collective."""
+    """Run check() on rank 0 alone (claiming the run folder, writing a checkpoint) and stop every
+    rank with the InputError or OSError it raised, so a refusal is one line on every rank instead
+    of a hang at the next collective. A sync point for every rank, as a barrier is."""
     error = None
     if is_main():
         try:
             check()
-        except InputError as err:
+        except (InputError, OSError) as err:
             error = str(err)
     error = all_gather_objects(error)[0]
     if error is not None:

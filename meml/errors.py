@@ -30,3 +30,11 @@ def count_at_least(at_least: int):
         return value
     parse.__name__ = "int"  # what argparse names in "invalid int value"
     return parse
+
+
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number above 0 (--plan's GB)."""
+    value = float(text)
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"{text}: must be a finite number above 0")
+    return value

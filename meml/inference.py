@@ -82,8 +82,12 @@ def low_precision_copy(model):
     if dtype is None or model.output_weight.dtype == dtype or distributed.is_sharded(model):
         yield model
         return
-    cast = {}  # one copy per tensor, so tied weights stay one tensor
-    weights = {name: cast.setdefault(id(t), t.detach().to(dtype)) for name, t in model.state_dict().items()}
+    cast, weights = {}, {}  # one copy per storage, so tied weights are cast once and stay one tensor
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), tuple(t.shape))
+        if key not in cast:
+            cast[key] = t.detach().to(dtype)
+        weights[name] = cast[key]
     with torch.device("meta"):
         copy = type(model)(model.config)
     copy.load_state_dict(weights, assign=True)

@@ -27,9 +27,10 @@ def require(choice: str) -> None:
 
 
 class TensorBoardReport:
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(str(folder))
+        # purge_step: a resumed run drops the events it is about to log again, as metrics.jsonl does
+        self.writer = SummaryWriter(str(folder), purge_step=purge_step)
 
     def __call__(self, stage: str, global_step: int, metrics: dict, samples: list | None) -> None:
         for key, value in metrics.items():
@@ -45,6 +46,9 @@ class TensorBoardReport:
         self.writer.close()
 
 
-def make_report(choice: str, run_dir: Path):
-    """The --report-to choice as a callable (stage, global step, metrics, samples), or None."""
-    return TensorBoardReport(Path(run_dir) / "tensorboard") if choice == "tensorboard" else None
+def make_report(choice: str, run_dir: Path, resumed_at: int | None = None):
+    """The --report-to choice as a callable (stage, global step, metrics, samples), or None.
+    resumed_at: the global step of the checkpoint a resumed run continues from."""
+    if choice != "tensorboard":
+        return None
+    return TensorBoardReport(Path(run_dir) / "tensorboard", None if resumed_at is None else resumed_at + 1)

@@ -94,6 +94,7 @@ def lock(folder: Path) -> None:
                          "(or stop it), or choose another --output") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    os.fsync(fd)  # other nodes read it (check_shared); NFS shows writes after a flush
     _held[key] = fd
 
 

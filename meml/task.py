@@ -203,7 +203,7 @@ def check_lengths(task: Task, cfg: TrainConfig, context: int) -> tuple[int, int]
     answer with its prompt), fits the model's context, max_position_embeddings; the first that
     does not is named. (A 5 MB question would otherwise ask for the memory of a million-token
     attention.) Returns the longest prompt's and MEF answer's tokens."""
-    longest = max(task.system_prompts, key=len)
+    longest = max(task.system_prompts, key=lambda prompt: len(task.tokenizer.encode(prompt)))  # in tokens
     generated = max(cfg.eval_max_new_tokens, cfg.riel.max_new_tokens if cfg.run_riel else 0)
     prompt_len = {}
     for source, questions in (("training", task.train), ("held-out", task.evals), ("dev", task.devs)):

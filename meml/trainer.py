@@ -235,10 +235,10 @@ def run_stage(stage: Stage, model, optimizer, step_fn, *, run_dir: Path, tokeniz
             if (step + 1) % stage.save_every == 0 or step + 1 == stage.total_steps:
                 weights = distributed.full_state_dict(model)  # every rank: gathers a sharded model
                 state = trainer_state(stage, step + 1, optimizer, carry, model, weights)
-                if main:
-                    save_checkpoint(run_dir, stage.step_offset + step + 1, model, tokenizer_dir, state,
-                                    dtype=stage.save_dtype, weights=weights)
-                distributed.barrier()  # no rank runs ahead of a checkpoint it may resume from
+                # rank 0 writes; every rank waits for it (no rank runs ahead of a checkpoint it may
+                # resume from) and stops with it if the write failed (a full disk: one line)
+                distributed.agree(lambda: save_checkpoint(run_dir, stage.step_offset + step + 1, model, tokenizer_dir,
+                                                          state, dtype=stage.save_dtype, weights=weights))
 
 
 def _under_autocast(updates, device_type: str, compute_dtype: torch.dtype):

@@ -278,3 +278,19 @@ def test_the_finite_check_covers_every_float_option():
         for bad in (math.nan, math.inf):
             with pytest.raises(InputError, match=f"{flag_name(key)} {bad}: must be a finite number"):
                 make_config("meml-grpo", synthetic=True, overrides={key: bad})
+
+
+def test_plan_takes_a_positive_size_and_plans_for_a_gpu_this_machine_lacks(tmp_path, capsys, monkeypatch):
+    for bad in ("nan", "inf", "-5", "0"):
+        _one_line(capsys, "train.py", train.main(["--plan", bad]), f"argument --plan: {bad}: must be a finite number")
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--plan", "80", "--device", "cuda"]) == 0  # no CUDA needed to plan for one
+    out = capsys.readouterr().out
+    assert "compute torch.bfloat16" in out and "of 80.00 GB (the size asked for)" in out
+
+
+def test_cispo_refuses_a_lower_clip_it_does_not_have(capsys):
+    from meml.config import make_config
+    from meml.errors import InputError
+    with pytest.raises(InputError, match="--clip-eps: CISPO has no lower cap"):
+        make_config("meml-grpo", synthetic=True, overrides={"riel.loss": "cispo", "riel.clip_eps": 0.1})

@@ -176,3 +176,28 @@ def test_a_gpu_run_takes_the_largest_micro_batch_that_fits_unless_one_is_given(c
     assert kept.riel.micro_batch_size == 64 and "may not fit" in capsys.readouterr().err
     on_cpu = train.fit_memory(task, cfg, bf16, torch.device("cpu"), given)  # RAM: reported, never changed
     assert on_cpu.riel.micro_batch_size == 64
+
+
+def test_when_nothing_fits_the_run_is_left_as_asked_and_says_so(capsys, monkeypatch):
+    """A 1.5B model on a 10 GB GPU: its weights and AdamW states alone exceed it, so no
+    micro-batch and no activation checkpointing helps; the run keeps its settings (it used to
+    keep checkpointing switched on without saying so) and prints what would."""
+    import sys
+    from types import SimpleNamespace
+
+    from conftest import REPO_ROOT
+    sys.path.insert(0, str(REPO_ROOT))
+    import train
+    from meml import memory
+    from meml.config import make_config
+    from meml.task import Precision
+    monkeypatch.setattr(memory, "device_bytes", lambda device: 10 * 10**9)
+    task = SimpleNamespace(model=SimpleNamespace(config=QWEN_15B), system_prompts=["a", "b", "c"],
+                           longest_prompt=256, longest_answer=300)
+    cfg = make_config("meml-grpo", synthetic=False, overrides={})
+    kept = train.fit_memory(task, cfg, Precision(torch.float32, torch.bfloat16, torch.bfloat16),
+                            torch.device("cuda"), train.parse_args([]))
+    assert kept.riel.micro_batch_size == 64 and not kept.activation_checkpointing
+    assert "this run may not fit" in capsys.readouterr().err and "--fsdp" in "".join(memory.advice(
+        QWEN_15B, train.memory_settings(task, kept, Precision(torch.float32, torch.bfloat16, torch.bfloat16)),
+        10 * 10**9))

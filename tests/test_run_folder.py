@@ -341,3 +341,37 @@ def test_resume_lets_go_of_the_loaded_optimizer_state():
              "generators": {}, "extra": {}}
     assert restore(state, Stage("riel", 2, 1e-3, 1), torch.optim.AdamW(model.parameters())) == 1
     assert "optimizer" not in state
+
+
+# ---- from the session's review: resume keeps what the run was ----
+
+def test_resume_refuses_a_flag_even_when_it_names_the_default(whole, tmp_path, capsys):
+    """--preset meml-grpo is the default value: it used to slip through and was appended to the
+    run's command (a moe-sft-grpo run would silently become meml-grpo)."""
+    copy = tmp_path / "run"
+    shutil.copytree(whole, copy)
+    assert train.main(["--resume", str(copy), "--preset", "meml-grpo"]) == 2
+    assert capsys.readouterr().err.startswith("train.py: --preset: --resume continues")
+
+
+def test_the_dtype_auto_chose_is_recorded_and_an_older_run_resumes_in_float32(whole, tmp_path):
+    """--dtype auto depends on the device; a resume (perhaps on another device) keeps the run's.
+    A run folder written before --dtype auto existed (no --dtype in args.json) was float32."""
+    saved = json.loads((whole / "args.json").read_text())
+    assert saved[-2:] == ["--dtype", "float32"]  # what auto chose on this CPU
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "args.json").write_text(json.dumps(saved[:-2]))
+    args, command, _ = train.resumed_args(train.parse_args(["--resume", str(older)]), ["--resume", str(older)])
+    assert args.dtype == "float32" and command[-2:] == ["--dtype", "float32"]
+
+
+def test_a_resume_whose_every_checkpoint_is_unreadable_stops_and_changes_nothing(whole, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(whole, run)
+    for checkpoint in run.glob("checkpoint-*"):
+        (checkpoint / "trainer_state.pt").write_bytes(b"")
+    before = _files(run)
+    assert train.main(["--resume", str(run)]) == 2
+    assert f"train.py: no checkpoint in {run} can be read" in capsys.readouterr().err
+    assert _files(run) == before  # nothing renamed, no metrics dropped, the run not started over
