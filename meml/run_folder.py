@@ -42,8 +42,12 @@ def claim(folder: Path, argv: list[str], *, resume: bool, changes: list[str]) ->
     if not resume:
         check_new(folder)  # before the lock creates the folder: "" and files are named as --output
     lock(folder)
-    if not resume:
-        check_new(folder)  # again, now that no other run can write there
+    try:
+        if not resume:
+            check_new(folder)  # again, now that no other run can write there
+    except InputError:
+        release(folder)
+        raise
     if not resume or changes:
         atomic_write(folder / "args.json", lambda tmp: Path(tmp).write_text(json.dumps(argv)))
     if changes:
