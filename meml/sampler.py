@@ -234,40 +234,65 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: 
     row_keys [B] int64: instead of `generator`, row b's t-th draw is keyed_uniforms(row_keys[b], t),
     so a row's samples depend on its key and prompt, not on the batch it is in (RIEL keys a
     rollout by seed, step, question, expert and rollout index: the same at any world size).
+
+    Three phases: the slots of the batch (`_Slots`), the prefill of the prompts (`_prefill`),
+    the decode loop (`_decode`), then each row's completion cut at its first stop id (`_finish`).
     """
     weight = model.output_weight  # [V, H]
-    device = weight.device
     vocab_limit = weight.shape[0] if vocab_limit is None else vocab_limit
     if not 0 < vocab_limit <= weight.shape[0]:
         raise ValueError(f"generate: vocab_limit={vocab_limit} must be in 1..{weight.shape[0]} "
                          "(the model's output vocabulary)")
     weight = weight[:vocab_limit]  # padded-vocab ids get no logit at all, so are never drawn
-    prompt_ids, lengths = _left_pad(prompts, pad_id, device)  # [B, P], [B]
-    batch, width = prompt_ids.shape
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    slots = _Slots.of(prompts, pad_id, max_new_tokens, weight.device, weight.dtype)
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=weight.device)
+    was_training = model.training
+    model.eval()
+    try:
+        cache, hidden = _prefill(model, prompts, slots, share_prefill)
+        drawn, steps = _decode(model, weight, cache, hidden, slots, stop, pad_id, temperature, top_k, top_p,
+                               generator, return_entropy, row_keys)
+    finally:
+        model.train(was_training)
+    return _finish(*drawn, steps, stop, pad_id)
 
-    # Real-token mask over prompt + completion slots; only the prompts' left pads are not real.
-    real = torch.ones(batch, width + max_new_tokens, dtype=torch.long, device=device)
-    real[:, :width] = torch.arange(width, device=device) >= (width - lengths)[:, None]
-    # A decode step's query sees every real slot up to its own, so the additive mask row of the
-    # last slot, cut to its first width + t columns, serves step t: built once here instead of
-    # by the model at every token.
-    decode_mask = attention_bias(real, past=width + max_new_tokens - 1, T=1, dtype=weight.dtype)  # [B, 1, 1, S]
-    # Left padding shifts each row; positions count real tokens only (pads sit at 0, masked).
-    prompt_positions = (torch.arange(width, device=device)
-                        - (width - lengths)[:, None]).clamp(min=0)  # [B, P]
-    new_positions = lengths[:, None] + torch.arange(max_new_tokens, device=device)  # [B, T]
 
-    completion_ids = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device)
-    entropy = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device) if return_entropy else None
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    # "All rows done?" costs a host sync; on CUDA ask every few steps (extra steps are inert).
-    check_every = 1 if device.type == "cpu" else 8
+@dataclass
+class _Slots:
+    """Where every token of the batch sits: left-padded prompts [B, P], then max_new_tokens
+    completion slots; which slots are real, each slot's position, each decode step's mask."""
+    prompt_ids: torch.Tensor        # [B, P]
+    real: torch.Tensor              # [B, P + T] 1 on real slots (only the prompts' left pads are not)
+    decode_mask: torch.Tensor       # [B, 1, 1, P + T] additive: the last slot's row, cut per step
+    prompt_positions: torch.Tensor  # [B, P]
+    new_positions: torch.Tensor     # [B, T]
+    max_new_tokens: int
 
-    # Rows that share a prompt (RIEL's G rollouts of one expert and question) share its prefill:
-    # each distinct prompt runs once, and its keys, values and last hidden state are copied to
-    # every row that has it.
+    @property
+    def width(self) -> int:  # P
+        return self.prompt_ids.shape[1]
+
+    @classmethod
+    def of(cls, prompts, pad_id, max_new_tokens, device, dtype) -> "_Slots":
+        prompt_ids, lengths = _left_pad(prompts, pad_id, device)  # [B, P], [B]
+        batch, width = prompt_ids.shape
+        real = torch.ones(batch, width + max_new_tokens, dtype=torch.long, device=device)
+        real[:, :width] = torch.arange(width, device=device) >= (width - lengths)[:, None]
+        # A decode step's query sees every real slot up to its own, so the additive mask row of
+        # the last slot, cut to its first width + t columns, serves step t: built once here
+        # instead of by the model at every token.
+        decode_mask = attention_bias(real, past=width + max_new_tokens - 1, T=1, dtype=dtype)  # [B, 1, 1, S]
+        # Left padding shifts each row; positions count real tokens only (pads sit at 0, masked).
+        prompt_positions = (torch.arange(width, device=device) - (width - lengths)[:, None]).clamp(min=0)
+        new_positions = lengths[:, None] + torch.arange(max_new_tokens, device=device)
+        return cls(prompt_ids, real, decode_mask, prompt_positions, new_positions, max_new_tokens)
+
+
+def _prefill(model, prompts, slots: _Slots, share_prefill: bool):
+    """The prompts through the model: (KV cache, hidden states [B, P, H]). Rows that share a
+    prompt (RIEL's G rollouts of one expert and question) share its prefill: each distinct prompt
+    runs once, and its keys, values and hidden states are copied to every row that has it."""
+    device = slots.prompt_ids.device
     first_row = {}                                        # prompt -> the first row holding it
     for row, prompt in enumerate(prompts):
         first_row.setdefault(tuple(prompt) if share_prefill else row, row)
@@ -275,43 +300,54 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: 
     position = {prompt: u for u, prompt in enumerate(first_row)}
     source = torch.tensor([position[tuple(p) if share_prefill else row] for row, p in enumerate(prompts)],
                           device=device)                                                # [B] in 0..U-1
+    cache = model.new_kv_cache(len(distinct), slots.width + slots.max_new_tokens)
+    hidden = model(slots.prompt_ids[distinct], attention_mask=slots.real[distinct, :slots.width],
+                   position_ids=slots.prompt_positions[distinct], kv_cache=cache,
+                   return_hidden=True)  # [U, P, H]
+    if len(distinct) < len(prompts):
+        cache, hidden = cache.select_rows(source), hidden[source]  # [B, ...]
+    return cache, hidden
 
-    was_training = model.training
-    model.eval()
-    try:
-        cache = model.new_kv_cache(len(distinct), width + max_new_tokens)
-        hidden = model(prompt_ids[distinct], attention_mask=real[distinct, :width],
-                       position_ids=prompt_positions[distinct], kv_cache=cache,
-                       return_hidden=True)  # [U, P, H]
-        if len(distinct) < batch:
-            cache, hidden = cache.select_rows(source), hidden[source]  # [B, ...]
-        steps = 0
-        while steps < max_new_tokens:
-            logits = decode_linear(hidden[:, -1], weight)  # [B, vocab_limit]
-            uniforms = None if row_keys is None else keyed_uniforms(row_keys, steps)
-            drawn = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                      generator=generator, return_entropy=return_entropy,
-                                      uniforms=uniforms)  # [B] each
-            ids = torch.where(done, pad_id, drawn[0])  # finished rows emit pad (masked out below)
-            completion_ids[:, steps] = ids
-            logprobs[:, steps] = drawn[1]
-            if return_entropy:
-                entropy[:, steps] = drawn[2]
-            done = done | is_stop(ids, stop)
-            steps += 1
-            if steps == max_new_tokens or (steps % check_every == 0 and bool(done.all())):
-                break
-            hidden = model(ids[:, None], attention_mask=decode_mask[..., :width + steps],
-                           position_ids=new_positions[:, steps - 1:steps], kv_cache=cache,
-                           return_hidden=True)  # [B, 1, H]
-    finally:
-        model.train(was_training)
 
-    # A row's completion runs up to and including its first stop id (pad may itself be a stop
-    # id, which is why this looks for the first one rather than at `done`).
+def _decode(model, weight, cache, hidden, slots: _Slots, stop, pad_id, temperature, top_k, top_p, generator,
+            return_entropy, row_keys):
+    """The decode loop: draw a token per row from the last hidden state, feed it back. Returns
+    ((ids, log-probs, entropy or None), each [B, T]; the number of steps taken)."""
+    batch, device = hidden.shape[0], hidden.device
+    completion_ids = torch.full((batch, slots.max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(batch, slots.max_new_tokens, dtype=torch.float32, device=device)
+    entropy = torch.zeros(batch, slots.max_new_tokens, dtype=torch.float32, device=device) if return_entropy else None
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    # "All rows done?" costs a host sync; on CUDA ask every few steps (extra steps are inert).
+    check_every = 1 if device.type == "cpu" else 8
+    steps = 0
+    while steps < slots.max_new_tokens:
+        logits = decode_linear(hidden[:, -1], weight)  # [B, vocab_limit]
+        uniforms = None if row_keys is None else keyed_uniforms(row_keys, steps)
+        drawn = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  generator=generator, return_entropy=return_entropy,
+                                  uniforms=uniforms)  # [B] each
+        ids = torch.where(done, pad_id, drawn[0])  # finished rows emit pad (masked out below)
+        completion_ids[:, steps] = ids
+        logprobs[:, steps] = drawn[1]
+        if return_entropy:
+            entropy[:, steps] = drawn[2]
+        done = done | is_stop(ids, stop)
+        steps += 1
+        if steps == slots.max_new_tokens or (steps % check_every == 0 and bool(done.all())):
+            break
+        hidden = model(ids[:, None], attention_mask=slots.decode_mask[..., :slots.width + steps],
+                       position_ids=slots.new_positions[:, steps - 1:steps], kv_cache=cache,
+                       return_hidden=True)  # [B, 1, H]
+    return (completion_ids, logprobs, entropy), steps
+
+
+def _finish(completion_ids, logprobs, entropy, steps: int, stop, pad_id) -> Generation:
+    """Each row's completion runs up to and including its first stop id (pad may itself be a
+    stop id, which is why this looks for the first one rather than at the loop's `done`),
+    trimmed to the longest, so the result does not depend on how often the loop checked."""
     stop_hit = is_stop(completion_ids[:, :steps], stop)                  # [B, steps]
     completion_mask = (stop_hit.cumsum(dim=1) - stop_hit.long()) == 0     # nothing stopped before
-    # Trim to the longest completion, so the result does not depend on check_every.
     length = int(completion_mask.sum(dim=1).max())
     completion_mask = completion_mask[:, :length]
     completion_ids = completion_ids[:, :length].masked_fill(~completion_mask, pad_id)
