@@ -20,7 +20,6 @@ choices the paper leaves open and the flag that flips each.
 import argparse
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -302,55 +301,14 @@ def run_riel(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, ch
 # ---------------------------------------------------------------------------------------------
 # Memory (meml/memory.py)
 
-def memory_settings(task: Task, cfg: TrainConfig, precision: Precision) -> memory.Settings:
-    """The memory plan's view of this run: its precision, sharding and sizes, its longest prompt
-    and completion (a generated one or a MEF answer)."""
-    world = distributed.world_size() if distributed.world_size() > 1 else int(os.environ.get("WORLD_SIZE", "1"))
-    r = cfg.riel
-    rows = r.questions_per_step * len(task.system_prompts) * r.group_size // world if cfg.run_riel else 0
-    completion = max(r.max_new_tokens if cfg.run_riel else 0, task.longest_answer if cfg.run_mef else 0,
-                     cfg.eval_max_new_tokens)
-    return memory.Settings(weights=precision.weights, compute=precision.compute, shards=world if cfg.fsdp else 1,
-                           reference=cfg.run_riel and r.beta > 0, micro_batch_size=r.micro_batch_size,
-                           rollout_rows=max(1, min(r.rollout_batch_size, rows)), prompt_tokens=task.longest_prompt,
-                           completion_tokens=completion, activation_checkpointing=cfg.activation_checkpointing)
-
-
 def print_plan(args, cfg: TrainConfig, precision: Precision, device) -> int:
     """--plan: the model's shapes (config.json, no weights), the data's longest prompt, the plan."""
     with tempfile.TemporaryDirectory() as scratch:  # the synthetic world's assets, thrown away
         task = build_task(args, cfg, Path(scratch), device, precision, shapes_only=True)
-    settings = memory_settings(task, cfg, precision)
+    settings = memory.settings_for(task, cfg, precision)
     budget, where = (args.plan * memory.GB, "the size asked for") if args.plan else (memory.device_bytes(device), str(device))
     print(memory.format_plan(task.model.config, settings, int(budget), where))
     return 0
-
-
-def fit_memory(task: Task, cfg: TrainConfig, precision: Precision, device, args) -> TrainConfig:
-    """Print the plan's peak; on a GPU, when --micro-batch-size was not given and the default
-    does not fit, take the largest that does (the gradient is the same, only memory changes),
-    turning on activation checkpointing if not even one row fits."""
-    c, settings = task.model.config, memory_settings(task, cfg, precision)
-    budget = memory.device_bytes(device)
-    peak = memory.plan(c, settings)["total"]
-    chosen = ""
-    if device.type == "cuda" and peak > 0.9 * budget and getattr(args, "riel.micro_batch_size") is None:
-        size = memory.fitting_micro_batch(c, settings, budget)
-        if size is None and getattr(args, "activation_checkpointing") is None:
-            settings.activation_checkpointing = True
-            size = memory.fitting_micro_batch(c, settings, budget)
-            settings.activation_checkpointing = size is not None
-            cfg = replace(cfg, activation_checkpointing=size is not None)
-        if size is not None:
-            settings.micro_batch_size = size
-            cfg = replace(cfg, riel=replace(cfg.riel, micro_batch_size=size))
-            peak = memory.plan(c, settings)["total"]
-            chosen = f"; took --micro-batch-size {size}{' with activation checkpointing' if cfg.activation_checkpointing else ''} to fit"
-    print(f"memory plan: {memory.size(peak)} per device of {memory.size(budget)} on {device}{chosen} "
-          "(train.py --plan for the terms)")
-    if peak > 0.9 * budget:
-        print("memory plan: this run may not fit; " + "; ".join(memory.advice(c, settings, budget)), file=sys.stderr)
-    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,7 +405,7 @@ def run_in(run_dir: Path, args, cfg: TrainConfig, precision: Precision, device, 
             print(f"resuming from {checkpoint} (stage {state['stage']}, step {state['step']})")
     # 2. What the run trains on; the weights of the checkpoint it resumes from.
     task = build_task(args, cfg, run_dir, device, precision)
-    cfg = fit_memory(task, cfg, precision, device, args)
+    cfg = memory.fit(task, cfg, precision, device, given=args)
     task.model.activation_checkpointing = cfg.activation_checkpointing
     write_run_info(run_dir, task, cfg)
     if checkpoint is None and args.init_from is not None:

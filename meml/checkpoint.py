@@ -139,6 +139,7 @@ def loadable_checkpoint(run_dir: Path, print_fn=print) -> tuple[Path | None, dic
     every rank loads the one it chose. Checkpoints that exist but none readable is an error
     (nothing is renamed): a resume never silently starts a run over."""
     def choose():
+        skipped = []
         for checkpoint in reversed(list_checkpoints(run_dir)):
             try:
                 load_trainer_state(checkpoint)
@@ -151,9 +152,7 @@ def loadable_checkpoint(run_dir: Path, print_fn=print) -> tuple[Path | None, dic
             raise InputError(f"no checkpoint in {run_dir} can be read ({', '.join(skipped)}: see above); "
                              "nothing was changed")
         return None, skipped
-    skipped, found = [], [None]
-    distributed.agree(lambda: found.__setitem__(0, choose()))  # rank 0 alone runs it
-    name, skipped = distributed.all_gather_objects(found[0])[0]
+    name, skipped = distributed.agree(choose)
     if name is None:
         return None, None
     distributed.agree(lambda: [os.rename(run_dir / s, run_dir / f"{s}.unreadable") for s in skipped])

@@ -82,19 +82,21 @@ def checked_device(name: str) -> torch.device:
     return device
 
 
-def agree(check) -> None:
-    """Run check() on rank 0 alone (claiming the run folder, writing a checkpoint) and stop every
-    rank with the InputError or OSError it raised, so a refusal is one line on every rank instead
-    of a hang at the next collective. A sync point for every rank, as a barrier is."""
-    error = None
+def agree(check):
+    """Run check() on rank 0 alone (claiming the run folder, choosing or writing a checkpoint)
+    and give every rank its result, or stop every rank with the InputError or OSError it raised:
+    a refusal is one line on every rank instead of a hang at the next collective. A sync point
+    for every rank, as a barrier is."""
+    outcome = (None, None)
     if is_main():
         try:
-            check()
+            outcome = (None, check())
         except (InputError, OSError) as err:
-            error = str(err)
-    error = all_gather_objects(error)[0]
+            outcome = (str(err), None)
+    error, result = all_gather_objects(outcome)[0]
     if error is not None:
         raise InputError(error)
+    return result
 
 
 def finish(exit_code: int) -> int:

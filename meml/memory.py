@@ -24,13 +24,16 @@ in full: a conservative bound, since rows that share a prompt run it once). With
 checkpointing a layer keeps only its input per token, and one layer's activations are rebuilt
 at a time in the backward. tests/test_memory.py checks every term against the tensors a real
 step holds (tiny shape) and against a whole forward on fake tensors at the Qwen2.5-0.5B and
-1.5B shapes, within 15 %.
+1.5B shapes, within 15 %. `fit` prints a run's peak at start and, on a GPU, picks its
+micro-batch; `settings_for` reads a run's Settings from its task and config.
 """
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 
 import torch
 
+from meml import distributed
 from meml.logprob import CHUNK_ELEMENTS
 from meml.model import ModelConfig
 
@@ -179,3 +182,49 @@ def format_plan(c: ModelConfig, s: Settings, budget: int, where: str) -> str:
         lines.append("  does not fit; each of these would give:")
         lines += [f"    {a}" for a in advice(c, s, budget)]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's plan (train.py)
+
+def settings_for(task, cfg, precision) -> Settings:
+    """The plan's view of a run (a meml.task.Task, its TrainConfig and Precision): precision,
+    sharding and sizes, the longest prompt and completion (a generated one or a MEF answer)."""
+    world = distributed.world_size() if distributed.world_size() > 1 else int(os.environ.get("WORLD_SIZE", "1"))
+    r = cfg.riel
+    rows = r.questions_per_step * len(task.system_prompts) * r.group_size // world if cfg.run_riel else 0
+    completion = max(r.max_new_tokens if cfg.run_riel else 0, task.longest_answer if cfg.run_mef else 0,
+                     cfg.eval_max_new_tokens)
+    return Settings(weights=precision.weights, compute=precision.compute, shards=world if cfg.fsdp else 1,
+                    reference=cfg.run_riel and r.beta > 0, micro_batch_size=r.micro_batch_size,
+                    rollout_rows=max(1, min(r.rollout_batch_size, rows)), prompt_tokens=task.longest_prompt,
+                    completion_tokens=completion, activation_checkpointing=cfg.activation_checkpointing)
+
+
+def fit(task, cfg, precision, device, given):
+    """Print the plan's peak, and return cfg fitted to the device: on a GPU, when
+    --micro-batch-size was not given (`given`: the parsed flags, None where not named) and the
+    default does not fit, the largest micro-batch that does (the gradient is the same, only
+    memory changes), with activation checkpointing if not even one row fits without it."""
+    c, settings = task.model.config, settings_for(task, cfg, precision)
+    budget = device_bytes(device)
+    peak = plan(c, settings)["total"]
+    chosen = ""
+    if device.type == "cuda" and peak > 0.9 * budget and getattr(given, "riel.micro_batch_size") is None:
+        rows = fitting_micro_batch(c, settings, budget)
+        if rows is None and getattr(given, "activation_checkpointing") is None:
+            settings.activation_checkpointing = True
+            rows = fitting_micro_batch(c, settings, budget)
+            settings.activation_checkpointing = rows is not None
+            cfg = replace(cfg, activation_checkpointing=rows is not None)
+        if rows is not None:
+            settings.micro_batch_size = rows
+            cfg = replace(cfg, riel=replace(cfg.riel, micro_batch_size=rows))
+            peak = plan(c, settings)["total"]
+            chosen = (f"; took --micro-batch-size {rows}"
+                      f"{' with activation checkpointing' if cfg.activation_checkpointing else ''} to fit")
+    print(f"memory plan: {size(peak)} per device of {size(budget)} on {device}{chosen} "
+          "(train.py --plan for the terms)")
+    if peak > 0.9 * budget:
+        print("memory plan: this run may not fit; " + "; ".join(advice(c, settings, budget)), file=sys.stderr)
+    return cfg

@@ -167,14 +167,14 @@ def test_a_gpu_run_takes_the_largest_micro_batch_that_fits_unless_one_is_given(c
     cfg = make_config("meml-grpo", synthetic=False, overrides={})
     assert cfg.riel.micro_batch_size == 64
     given = train.parse_args([])
-    fitted = train.fit_memory(task, cfg, bf16, torch.device("cuda"), given)
+    fitted = memory.fit(task, cfg, bf16, torch.device("cuda"), given)
     assert fitted.riel.micro_batch_size < 64
-    assert memory.plan(QWEN_15B, train.memory_settings(task, fitted, bf16))["total"] <= 0.9 * 80 * 10**9
+    assert memory.plan(QWEN_15B, memory.settings_for(task, fitted, bf16))["total"] <= 0.9 * 80 * 10**9
     assert f"took --micro-batch-size {fitted.riel.micro_batch_size} to fit" in capsys.readouterr().out
     asked = train.parse_args(["--micro-batch-size", "64"])  # the user's own choice is kept, with a warning
-    kept = train.fit_memory(task, cfg, bf16, torch.device("cuda"), asked)
+    kept = memory.fit(task, cfg, bf16, torch.device("cuda"), asked)
     assert kept.riel.micro_batch_size == 64 and "may not fit" in capsys.readouterr().err
-    on_cpu = train.fit_memory(task, cfg, bf16, torch.device("cpu"), given)  # RAM: reported, never changed
+    on_cpu = memory.fit(task, cfg, bf16, torch.device("cpu"), given)  # RAM: reported, never changed
     assert on_cpu.riel.micro_batch_size == 64
 
 
@@ -195,9 +195,9 @@ def test_when_nothing_fits_the_run_is_left_as_asked_and_says_so(capsys, monkeypa
     task = SimpleNamespace(model=SimpleNamespace(config=QWEN_15B), system_prompts=["a", "b", "c"],
                            longest_prompt=256, longest_answer=300)
     cfg = make_config("meml-grpo", synthetic=False, overrides={})
-    kept = train.fit_memory(task, cfg, Precision(torch.float32, torch.bfloat16, torch.bfloat16),
+    kept = memory.fit(task, cfg, Precision(torch.float32, torch.bfloat16, torch.bfloat16),
                             torch.device("cuda"), train.parse_args([]))
     assert kept.riel.micro_batch_size == 64 and not kept.activation_checkpointing
     assert "this run may not fit" in capsys.readouterr().err and "--fsdp" in "".join(memory.advice(
-        QWEN_15B, train.memory_settings(task, kept, Precision(torch.float32, torch.bfloat16, torch.bfloat16)),
+        QWEN_15B, memory.settings_for(task, kept, Precision(torch.float32, torch.bfloat16, torch.bfloat16)),
         10 * 10**9))
