@@ -37,7 +37,8 @@ from meml.evaluation import best_expert, evaluate_experts, format_results
 from meml.losses import E7_PARTS, e7_weights
 from meml.mef import mef_items, sft_loss
 from meml.model import Transformer
-from meml.riel import World, riel_step
+from meml.e7 import Experts
+from meml.riel import riel_step
 from meml.sampler import stream_key
 from meml.task import Precision, Task, build_task, init_weights, precision_of, write_run_info
 from meml.trainer import (LossNotFinite, Stage, batch_indices, make_optimizer, mixed_precision, restore, run_stage,
@@ -227,7 +228,7 @@ def run_mef(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, che
         raise InputError(f"MEF has no verified answer to train on for experts {task.experts}")
     stage = Stage("mef", steps, cfg.mef_lr, cfg.save_every, grad_clip=cfg.grad_clip,
                   weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, schedule=cfg.mef_schedule,
-                  compute_dtype=precision.compute, save_dtype=precision.save)
+                  compute_dtype=precision.compute, save_dtype=precision.save, loss_metric="loss/nll")
     optimizer = make_optimizer(task.model, stage)
     start = resume_stage(state, stage, optimizer, checkpoint)
 
@@ -238,7 +239,7 @@ def run_mef(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, che
         t0 = time.time()
         loss, _ = sft_loss(task.model, task.tokenizer, mine, cfg.riel.micro_batch_size, total_tokens=total)
         loss = distributed.all_reduce_sum(loss).item()
-        yield torch.tensor(loss), {"loss/nll": loss, "tokens_per_second": total / (time.time() - t0)}
+        yield {"loss/nll": loss, "tokens_per_second": total / (time.time() - t0)}
 
     task.model.train()
     run_stage(stage, task.model, optimizer, mef_step, run_dir=run_dir, tokenizer_dir=task.model_dir,
@@ -283,12 +284,12 @@ def run_riel(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, ch
     optimizer = make_optimizer(task.model, stage)
     start = resume_stage(state, stage, optimizer, checkpoint)
     by_id = {ex.id: ex for ex in task.train}
-    world = World(task.tokenizer, task.system_prompts, task.dataset,
+    experts = Experts(task.tokenizer, task.system_prompts, task.dataset,
                   {(a.id, task.experts.index(a.expert)): a.response for a in task.answers if a.expert in task.experts})
 
     def riel_step_at(step):
         idx = batch_indices(len(task.train), r.questions_per_step, step, cfg.seed + 1)
-        yield from riel_step(task.model, world, [task.train[i] for i in idx], r, stream_key(cfg.seed, step), buffer,
+        yield from riel_step(task.model, experts, [task.train[i] for i in idx], r, stream_key(cfg.seed, step), buffer,
                              by_id, ref_model)
 
     steps_per_epoch = max(1, len(task.train) // r.questions_per_step)

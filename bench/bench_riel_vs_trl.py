@@ -81,7 +81,7 @@ def run_meml(folder: Path, steps: int) -> list[float]:
     from meml.config import RielConfig
     from meml.inference import load
     from meml.model import Transformer
-    from meml.riel import Rollouts, World, backward_e7
+    from meml.e7 import Experts, Grid, Rollouts, backward_e7, e7_batch, micro_batches
     from meml.sampler import generate
 
     model, tok = load(folder)
@@ -91,7 +91,7 @@ def run_meml(folder: Path, steps: int) -> list[float]:
     cfg = RielConfig(group_size=G, max_new_tokens=NEW_TOKENS, loss="clipped", advantage_scale="group_std",
                      positive_only=False, aggregation="token_mean", beta=BETA, kl_estimator="k3", lambda1=0.0,
                      hard_example_buffer=False, micro_batch_size=len(PROMPTS) * G)
-    world = World(tok, [""], "synthetic")
+    experts = Experts(tok, [""], "synthetic")
     prompts = [tok.encode(p) for p in PROMPTS for _ in range(G)]
     rows = torch.arange(len(prompts)).view(len(PROMPTS), 1, G)
     generator = torch.Generator().manual_seed(0)
@@ -107,7 +107,8 @@ def run_meml(folder: Path, steps: int) -> list[float]:
         rewards = torch.tensor([reward_of(t) for t in texts]).view(len(PROMPTS), 1, G)
         advantages = group_advantages(rewards, scale="group_std")
         model.train()
-        backward_e7(model, world, ro, rewards, advantages, [], {}, cfg, ref)
+        b = e7_batch(ro, Grid.of(ro, rewards, cfg), advantages, slice(None), ([], []), cfg)
+        backward_e7(model, experts, b, micro_batches(b, cfg), cfg, ref)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -147,11 +147,12 @@ def riel_step_figure() -> None:
     from meml.advantage import group_advantages
     from meml.buffer import HardExampleBuffer
     from meml.config import RielConfig
-    from meml.riel import Rollouts, World, backward_e7, fill_buffer
+    from meml.e7 import Experts, Grid, Rollouts, backward_e7, e7_batch, micro_batches
+    from meml.riel import buffer_targets, fill_buffer
     from meml.sampler import generate
     from meml.tokenizer import Tokenizer
     from meml.trainer import mixed_precision
-    questions, experts, g, new = SIZES["questions"], 3, 8, SIZES["new"]
+    questions, n_experts, g, new = SIZES["questions"], 3, 8, SIZES["new"]
     model = qwen_05b(torch.float32)  # fp32 masters; bf16 compute under autocast
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)  # as meml.trainer makes it
     # The synthetic world's tokenizer writes the buffer's SFT prompts and targets (ids < 512);
@@ -161,9 +162,9 @@ def riel_step_figure() -> None:
     examples = synthetic.load_synthetic(n_train=questions, n_eval=1)[0]
     prompt_of = {(q, i): torch.randint(2, SIZES["vocab"] - 1, (40 + 10 * i,),
                                        generator=torch.Generator().manual_seed(q * 7 + i)).tolist()
-                 for q in range(questions) for i in range(experts)}
-    prompts = [prompt_of[q, i] for q in range(questions) for i in range(experts) for _ in range(g)]
-    rows = torch.arange(len(prompts)).view(questions, experts, g)
+                 for q in range(questions) for i in range(n_experts)}
+    prompts = [prompt_of[q, i] for q in range(questions) for i in range(n_experts) for _ in range(g)]
+    rows = torch.arange(len(prompts)).view(questions, n_experts, g)
     cfg = RielConfig(group_size=g, max_new_tokens=new, micro_batch_size=48, buffer_capacity=4, buffer_k=2)
     buffer = HardExampleBuffer(cfg.buffer_capacity, cfg.buffer_k, g, seed=0)
     base = reset_peak()
@@ -175,20 +176,21 @@ def riel_step_figure() -> None:
         sync()
         generated = time.perf_counter()
         completions = [ids[m].tolist() for ids, m in zip(gen.completion_ids, gen.completion_mask)]
-        rewards = torch.tensor([float(sum(c) % 3 == 0) for c in completions]).view(questions, experts, g)
+        rewards = torch.tensor([float(sum(c) % 3 == 0) for c in completions]).view(questions, n_experts, g)
         ro = Rollouts(rows, prompts, completions, [lp[m].cpu() for lp, m in zip(gen.logprobs, gen.completion_mask)],
                       gen.finished.tolist(), [""] * len(prompts), [torch.zeros(len(c)) for c in completions])
         items, _ = fill_buffer(buffer, examples, rewards)
-        world = World(tok, list(synthetic.EXPERT_PROMPTS), "synthetic")
-        metrics, _ = backward_e7(model, world, ro, rewards, group_advantages(rewards), items,
-                                 {ex.id: ex for ex in examples}, cfg)
+        experts = Experts(tok, list(synthetic.EXPERT_PROMPTS), "synthetic")
+        sft = buffer_targets(experts, items, {ex.id: ex for ex in examples}, cfg)[:2]
+        b = e7_batch(ro, Grid.of(ro, rewards, cfg), group_advantages(rewards), slice(None), sft, cfg)
+        backward_e7(model, experts, b, micro_batches(b, cfg), cfg)
         optimizer.step()
     sync()
     done = time.perf_counter()
     print(f"\nRIEL step, {'Qwen2.5-0.5B shape' if not args_smoke else 'smoke'}, bf16 autocast + fp32 masters, "
-          f"{questions} questions x {experts} experts x G = {g}, {new} new tokens")
+          f"{questions} questions x {n_experts} experts x G = {g}, {new} new tokens")
     print(f"  generation {generated - start:.2f} s, update {done - generated:.2f} s "
-          f"(E5 on {metrics['inter_expert/active_questions']} questions, {len(items)} buffer items); "
+          f"(E5 on {b.d.inter_expert} questions, {len(items)} buffer items); "
           f"peak {peak_gb(base):.1f} GB")
 
 
@@ -239,7 +241,7 @@ def second_update_check() -> None:
             logits = model(ids)
             seen[update] = logits.detach().float()
             logits.float().logsumexp(-1).mean().backward()
-            yield torch.tensor(0.0), {"loss/x": 0.0}
+            yield {"loss/total": 0.0}
     stage = Stage("riel", total_steps=1, lr=1e-4, save_every=100, compute_dtype=torch.bfloat16)
     with tempfile.TemporaryDirectory() as tmp:
         run_stage(stage, model, make_optimizer(model, stage), step_fn, run_dir=Path(tmp), tokenizer_dir=Path(tmp),

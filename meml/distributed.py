@@ -132,12 +132,24 @@ def barrier() -> None:
         dist.barrier()
 
 
+def my_share(items: list, what: str | None = None) -> tuple[list, slice]:
+    """This rank's contiguous share of `items` and where it sits in them. With `what` (the flag
+    that sets the count) the share must be even: the count must divide by the world size."""
+    n, w = len(items), world_size()
+    if what is not None and n % w:
+        raise InputError(f"{what}: {n} do not split evenly over {w} processes; make it a multiple of {w}")
+    where = slice(rank() * n // w, (rank() + 1) * n // w)
+    return items[where], where
+
+
 def shard(items: list, what: str) -> list:
     """This rank's contiguous share of `items`; their number must divide by the world size."""
-    n, w = len(items), world_size()
-    if n % w:
-        raise InputError(f"{what}: {n} do not split evenly over {w} processes; make it a multiple of {w}")
-    return items[rank() * n // w:(rank() + 1) * n // w]
+    return my_share(items, what)[0]
+
+
+def dealt(items: list) -> list:
+    """This rank's items when `items` are dealt round-robin (item k to rank k mod world size)."""
+    return items[rank()::world_size()]
 
 
 def all_reduce_sum(value: float | int | torch.Tensor) -> torch.Tensor:
@@ -176,6 +188,17 @@ def all_reduce_max(values: list[int]) -> list[int]:
         out = out.to(_device())
         dist.all_reduce(out, op=dist.ReduceOp.MAX)
     return out.cpu().tolist()
+
+
+def equal_passes(model, batches: dict[str, list]) -> dict[str, list]:
+    """FSDP2's rule for a step's micro-batches: every forward and backward of a sharded model is
+    a collective, so every rank must make as many passes of each kind as the busiest rank. Each
+    list of micro-batches is padded with None (the caller makes a pass with weight 0 for each)
+    to the longest over ranks. A replicated model waits only at the gradient sum: unchanged."""
+    if not dist.is_initialized() or not is_sharded(model):
+        return batches
+    most = all_reduce_max([len(v) for v in batches.values()])
+    return {kind: v + [None] * (m - len(v)) for (kind, v), m in zip(batches.items(), most)}
 
 
 def sum_gradients(model) -> None:

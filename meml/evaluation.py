@@ -143,8 +143,7 @@ def evaluate_experts(model, tokenizer, examples, system_prompts: list[str], data
     and the per-question results are gathered: the greedy figures are those of one process;
     pass@k draws its samples per rank (seed + rank), so it is not."""
     model.eval()
-    w, r = distributed.world_size(), distributed.rank()
-    mine = examples[r * len(examples) // w:(r + 1) * len(examples) // w]
+    mine, _ = distributed.my_share(examples)  # this rank's questions (any number: shares may differ by one)
     conversations, rows = expert_grid(mine, system_prompts, dataset, copies=1)  # rows [Q, N, 1]
     greedy = complete(model, tokenizer, conversations, max_new_tokens=max_new_tokens, batch_size=batch_size)
     answers = [[greedy.texts[row] for row in rows[q, :, 0].tolist()] for q in range(len(mine))]  # one per expert
@@ -153,7 +152,7 @@ def evaluate_experts(model, tokenizer, examples, system_prompts: list[str], data
     hits = None
     if pass_k:
         conversations, rows = expert_grid(mine, system_prompts, dataset, copies=pass_k)  # [Q, N, k]
-        generator = torch.Generator(device=model.output_weight.device).manual_seed(seed + 1_000_003 * r)
+        generator = torch.Generator(device=model.output_weight.device).manual_seed(seed + 1_000_003 * distributed.rank())
         sampled = complete(model, tokenizer, conversations, max_new_tokens=max_new_tokens, temperature=1.0,
                            batch_size=batch_size, generator=generator).texts
         hits = [[sum(reward(dataset, sampled[row], ex) == 1.0 for row in rows[q, i].tolist())

@@ -1,7 +1,7 @@
 """What every training stage shares: the loop, the log, checkpoints, resume and the NaN guard.
 
 MEF (meml/mef.py) and RIEL (meml/riel.py) each provide one function, `step_fn(step)`, that
-builds its batch for that step, computes the loss, calls backward and yields (loss, metrics):
+builds its batch for that step, computes the loss, calls backward and yields its metrics:
 once per optimizer update, so once for MEF and μ times for RIEL's `--num-iterations μ` (several
 updates on one rollout batch). This loop does the rest the way a user of TRL or nanoGPT expects:
 
@@ -56,6 +56,7 @@ class Stage:
     schedule: str = "constant"   # after warm-up: "constant" or "cosine" (to 10% of lr)
     step_offset: int = 0         # steps of earlier stages: checkpoints are numbered globally
     hidden_losses: tuple = ()    # loss parts switched off in this run: kept out of the progress line
+    loss_metric: str = "loss/total"  # the metric holding the loss the step minimised (the NaN guard's)
     generators: dict[str, torch.Generator] = field(default_factory=dict)  # saved and restored
     extra_state: dict = field(default_factory=dict)  # objects with state_dict()/load_state_dict()
     compute_dtype: torch.dtype = torch.float32  # bfloat16: matmuls under autocast (mixed precision)
@@ -200,9 +201,9 @@ def run_stage(stage: Stage, model, optimizer, step_fn, *, run_dir: Path, tokeniz
                 group["lr"] = lr_at(step, stage)
             updates = []
             optimizer.zero_grad(set_to_none=True)
-            for loss, metrics in _under_autocast(step_fn(step), device_type, stage.compute_dtype):
+            for metrics in _under_autocast(step_fn(step), device_type, stage.compute_dtype):
                 # backward done; one optimizer update each, outside autocast (see _under_autocast)
-                grad_norm = _checked_grad_norm(stage, model, step, loss, metrics, run_dir)
+                grad_norm = _checked_grad_norm(stage, model, step, metrics, run_dir)
                 optimizer.step()
                 _check_weights_finite(stage, model, step, run_dir)
                 optimizer.zero_grad(set_to_none=True)
@@ -268,13 +269,14 @@ def _log_probe(found: dict, stage: Stage, step: int, log, print_fn) -> None:
                                                        if isinstance(v, float) and "/d" not in k))
 
 
-def _checked_grad_norm(stage: Stage, model, step: int, loss, metrics: dict, run_dir: Path) -> float:
+def _checked_grad_norm(stage: Stage, model, step: int, metrics: dict, run_dir: Path) -> float:
     """Clip the gradient and return its norm, or stop the run before an update with a loss or
     gradient that is not finite (the weights stay as the last step left them)."""
     parts = {k: v for k, v in metrics.items() if k.startswith("loss/")}
-    if not math.isfinite(loss.item()):
+    loss = metrics[stage.loss_metric]
+    if not math.isfinite(loss):
         raise LossNotFinite(
-            f"[{stage.name}] loss became {loss.item()} at step {step + 1} (parts: {parts}); "
+            f"[{stage.name}] loss became {loss} at step {step + 1} (parts: {parts}); "
             f"the weights were not updated and the last checkpoint in {run_dir} is intact")
     distributed.sum_gradients(model)  # every rank's share of the one loss: their sum is its gradient
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)
@@ -282,7 +284,7 @@ def _checked_grad_norm(stage: Stage, model, step: int, loss, metrics: dict, run_
     if not torch.isfinite(grad_norm):
         raise LossNotFinite(
             f"[{stage.name}] gradient norm became {grad_norm.item()} at step {step + 1} "
-            f"(loss {loss.item():.4g}, parts: {parts}); the weights were not updated and "
+            f"(loss {loss:.4g}, parts: {parts}); the weights were not updated and "
             f"the last checkpoint in {run_dir} is intact")
     return grad_norm.item()
 

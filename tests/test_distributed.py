@@ -57,13 +57,13 @@ def _bootstrap(worker, rank, tmp, *args):
 def _world(tmp):
     from meml import synthetic_assets
     from meml.model import ModelConfig
-    from meml.riel import World
+    from meml.e7 import Experts
     from meml.tokenizer import Tokenizer
     folder = synthetic_assets.write_synthetic_assets(os.path.join(tmp, "assets"))
     config = ModelConfig.from_json(folder / "config.json")
     config.num_hidden_layers, config.hidden_size, config.intermediate_size = 2, 32, 64
     config.num_attention_heads, config.num_key_value_heads, config.head_dim = 4, 2, 8
-    world = World(Tokenizer.from_pretrained(folder), ["Expert zero.", "Expert one says more.", "Two"], "synthetic")
+    world = Experts(Tokenizer.from_pretrained(folder), ["Expert zero.", "Expert one says more.", "Two"], "synthetic")
     return tiny_model(config, 0), world, tiny_model(config, 1)
 
 
@@ -80,29 +80,44 @@ BOTH_ACTIVE = torch.tensor([[[1, 1, 0], [1, 0, 0], [0, 0, 0]],
 VARIANTS = dict(importance_sampling_level="sequence", clip_eps=0.02, tis_cap=1.2, mask_truncated=True)
 
 
-def _e7_step(model, world, ref, rows_of, rewards, items, aggregation, beta=0.1, variants=False):
-    """backward_e7 on the given questions' rollouts; returns the gradients. variants: GSPO's
-    ratio, truncated IS and --mask-truncated (every fourth row of the step cut at the limit)."""
-    from meml.advantage import group_advantages
+def _e7_step(model, world, ref, rewards, items, aggregation, beta=0.1, variants=False, examples=EXAMPLES):
+    """The first update of meml.riel.riel_step on `examples`, every rank taking its share of the
+    questions as riel_step does, with made-up rollouts (make_rollouts), the given rewards and
+    the given buffer items in place of sampling, the verifier and the buffer's coins; returns
+    its metrics (the gradients are on the model). variants: GSPO's ratio, truncated IS and
+    --mask-truncated (every fourth row of the step cut at the limit)."""
+    from meml import riel
+    from meml.buffer import HardExampleBuffer
     from meml.config import RielConfig
-    from meml.riel import Rollouts, backward_e7
-    ro = make_rollouts(world)
-    advantages = group_advantages(rewards, scale="group_std")[rows_of]  # computed on the whole step
-    keep = ro.rows[rows_of].flatten().tolist()
-    local = Rollouts(torch.arange(len(keep)).view(len(rows_of), 3, G), [ro.prompts[r] for r in keep],
-                     [ro.completions[r] for r in keep], [ro.old_logprobs[r] - (0.1 * (r % 3) if variants else 0.0) for r in keep],
-                     [r % 4 != 1 or not variants for r in keep], [""] * len(keep), [torch.zeros(1)] * len(keep))
-    cfg = RielConfig(group_size=G, aggregation=aggregation, beta=beta, lambda1=0.5, lambda2=2.0, micro_batch_size=4,
-                     max_new_tokens=14, loss="clipped", **(VARIANTS if variants else {}))
-    model.zero_grad()
-    metrics, _ = backward_e7(model, world, local, rewards[rows_of], advantages, items, BY_ID, cfg, ref)
-    return metrics
+    ro = make_rollouts(world, examples)
+
+    def sample(model, experts, questions, cfg, step_key, first_question=0):
+        keep = ro.rows[first_question:first_question + len(questions)].flatten().tolist()
+        return riel.Rollouts(torch.arange(len(keep)).view(len(questions), 3, G), [ro.prompts[r] for r in keep],
+                             [ro.completions[r] for r in keep],
+                             [ro.old_logprobs[r] - (0.1 * (r % 3) if variants else 0.0) for r in keep],
+                             [r % 4 != 1 or not variants for r in keep], [""] * len(keep), [torch.zeros(1)] * len(keep))
+
+    def score(rollouts, experts, questions):
+        first = examples.index(questions[0])
+        return rewards[first:first + len(questions)]
+
+    saved = riel.sample_rollouts, riel.score_rollouts, riel.fill_buffer
+    riel.sample_rollouts, riel.score_rollouts, riel.fill_buffer = sample, score, lambda buffer, examples, r: (items, 0)
+    try:
+        cfg = RielConfig(group_size=G, aggregation=aggregation, beta=beta, lambda1=0.5, lambda2=2.0, micro_batch_size=4,
+                         max_new_tokens=14, loss="clipped", **(VARIANTS if variants else {}))
+        model.zero_grad()
+        buffer = HardExampleBuffer(capacity=len(items), k=1, g=G)
+        return next(riel.riel_step(model, world, examples, cfg, 0, buffer, {ex.id: ex for ex in examples}, ref))
+    finally:
+        riel.sample_rollouts, riel.score_rollouts, riel.fill_buffer = saved
 
 
 def _riel_gradients_worker(rank, tmp, aggregation, rewards, variants=False):
     from meml import distributed
     model, world, ref = _world(tmp)
-    metrics = _e7_step(model, world, ref, [rank], rewards, SFT_ITEMS[rank::2], aggregation, variants=variants)
+    metrics = _e7_step(model, world, ref, rewards, SFT_ITEMS, aggregation, variants=variants)
     distributed.sum_gradients(model)
     torch.save({"grads": {n: p.grad for n, p in model.named_parameters()}, "metrics": metrics},
                os.path.join(tmp, f"rank{rank}.pt"))
@@ -115,7 +130,7 @@ def _riel_gradients_worker(rank, tmp, aggregation, rewards, variants=False):
 def test_riel_gradients_at_world_size_2_equal_world_size_1(tmp_path, aggregation, rewards, active, variants):
     run_ranks(_riel_gradients_worker, tmp_path, aggregation, rewards, variants)
     model, world, ref = _world(str(tmp_path))
-    single = _e7_step(model, world, ref, [0, 1], rewards, SFT_ITEMS, aggregation, variants=variants)
+    single = _e7_step(model, world, ref, rewards, SFT_ITEMS, aggregation, variants=variants)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for name, p in model.named_parameters():
@@ -132,7 +147,7 @@ def _fsdp_gradients_worker(rank, tmp, beta, variants=False):
     from meml import distributed
     model, world, ref = _world(tmp)
     distributed.shard_model(model)
-    metrics = _e7_step(model, world, ref, [rank], REWARDS, SFT_ITEMS[rank::2], "token_mean", beta, variants)
+    metrics = _e7_step(model, world, ref, REWARDS, SFT_ITEMS, "token_mean", beta, variants)
     distributed.sum_gradients(model)  # nothing for a sharded model: its reduce-scatter summed them
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
     torch.save({"grads": grads, "metrics": metrics}, os.path.join(tmp, f"rank{rank}.pt"))
@@ -146,7 +161,7 @@ def test_fsdp2_riel_gradients_at_world_size_2_equal_world_size_1(tmp_path, beta,
     micro-batches, or the step would hang."""
     run_ranks(_fsdp_gradients_worker, tmp_path, beta, variants)
     model, world, ref = _world(str(tmp_path))
-    single = _e7_step(model, world, ref, [0, 1], REWARDS, SFT_ITEMS, "token_mean", beta, variants)
+    single = _e7_step(model, world, ref, REWARDS, SFT_ITEMS, "token_mean", beta, variants)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for name, p in model.named_parameters():

@@ -10,16 +10,16 @@ import subprocess
 
 import torch
 
-from test_distributed import (BOTH_ACTIVE, REWARDS, RIEL_ARGS, _alive, _children, _kill_run, _launch, _world,
+from test_distributed import (BOTH_ACTIVE, REWARDS, RIEL_ARGS, _alive, _children, _e7_step, _kill_run, _launch, _world,
                               run_ranks)
-from test_riel import make_rollouts, tiny_model
+from test_riel import EXAMPLES, tiny_model
 
 def _contiguity_worker(rank, tmp):
-    """riel_metrics with two questions on each rank (the default 8 questions over 4 GPUs), with
+    """riel_step with two questions on each rank (the default 8 questions over 4 GPUs), with
     every collective checked for what NCCL requires: contiguous tensors, inputs and outputs."""
     import torch.distributed as dist
 
-    from meml.riel import riel_metrics
+    from meml.data import Example
     seen = []
 
     def checked(collective):
@@ -30,16 +30,16 @@ def _contiguity_worker(rank, tmp):
         return call
     for name in ("all_gather", "all_reduce", "broadcast", "reduce_scatter_tensor", "all_gather_into_tensor"):
         setattr(dist, name, checked(getattr(dist, name)))
-    model, world, _ = _world(tmp)
-    ro = make_rollouts(world)  # 2 questions x 3 experts x G on each rank
+    model, world, ref = _world(tmp)
+    four = EXAMPLES + [Example(f"q{k}", ex.question, ex.answer, ex.solution) for k, ex in enumerate(EXAMPLES, 2)]
     rewards = torch.cat([REWARDS, BOTH_ACTIVE])  # the step's 4 questions
-    riel_metrics(ro, rewards, rewards - rewards.mean(dim=-1, keepdim=True))
+    _e7_step(model, world, ref, rewards, [("q0", 1), ("q3", 2)], "token_mean", examples=four)
     torch.save(seen, os.path.join(tmp, f"seen{rank}.pt"))
 
 
 def test_every_tensor_that_reaches_a_collective_is_contiguous(tmp_path):
-    """NCCL raises "Tensors must be contiguous" where gloo does not: riel_metrics gathered a
-    strided view once a rank held two questions, which a 4-GPU run at the defaults would hit at
+    """NCCL raises "Tensors must be contiguous" where gloo does not: the step's metrics
+    gathered a strided view once a rank held two questions, which a 4-GPU run at the defaults would hit at
     its first RIEL step."""
     run_ranks(_contiguity_worker, tmp_path)
     for rank in range(2):

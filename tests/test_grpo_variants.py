@@ -10,6 +10,7 @@ Oracles, each independent of meml/losses.py:
   (meml.riel.backward_e7), for each variant.
 """
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,11 +18,12 @@ import torch
 import test_riel
 from meml.advantage import group_advantages
 from meml.config import RielConfig, clip_bounds, make_config
+from meml.e7 import Denominators
 from meml.errors import InputError
 from meml.kl import reference_kl_loss
 from meml.losses import clip_fraction, importance_ratio, overlong_penalty, policy_loss, truncated_is_weights
-from meml.riel import backward_e7, select_parts
-from test_riel import BY_ID, G, TWO_ACTIVE, assert_same_grads, grads, make_rollouts, padded, seq_logprob, tiny_model
+from test_riel import (BY_ID, G, TWO_ACTIVE, assert_same_grads, grads, make_rollouts, padded, seq_logprob, step_e7,
+                       tiny_model)
 
 # ---- by hand ----
 
@@ -189,7 +191,7 @@ def test_the_step_computes_each_variant_of_e7_on_the_whole_batch(world, variant)
     with torch.no_grad():  # the sampler's log-probs, π_old = the sampler's shifted (as a bf16 gap would)
         ro.old_logprobs = [seq_logprob(model, p, c, V) + 0.6 * (torch.rand(len(c), generator=noise) - 0.5)
                            for p, c in zip(ro.prompts, ro.completions)]
-        recomputed = {r: lp + 0.6 * (torch.rand(len(lp), generator=noise) - 0.5) for r, lp in enumerate(ro.old_logprobs)}
+        recomputed = [lp + 0.6 * (torch.rand(len(lp), generator=noise) - 0.5) for lp in ro.old_logprobs]
     ro.finished = [r % 4 != 1 for r in range(len(ro.prompts))]  # every fourth row was cut at the limit
     advantages = group_advantages(TWO_ACTIVE, scale="group_std")
     settings = {"gspo": dict(loss="clipped", importance_sampling_level="sequence", clip_eps=0.02),
@@ -199,14 +201,14 @@ def test_the_step_computes_each_variant_of_e7_on_the_whole_batch(world, variant)
     cfg = RielConfig(group_size=G, aggregation="seq_mean_token_mean", beta=0.3, lambda1=0.0, micro_batch_size=3,
                      max_new_tokens=14, recompute_old_logprobs=True, **settings)
     model.zero_grad()
-    out, _ = backward_e7(model, w, ro, TWO_ACTIVE, advantages, [], BY_ID, cfg, ref_model, old_logprobs=recomputed)
+    out, batch = step_e7(model, w, ro, TWO_ACTIVE, advantages, [], cfg, ref_model, old_logprobs=recomputed)
     got = grads(model)
 
     model.zero_grad()
     logp, mask = padded([seq_logprob(model, p, c, V) for p, c in zip(ro.prompts, ro.completions)])
     with torch.no_grad():
         ref_logp, _ = padded([seq_logprob(ref_model, p, c, V) for p, c in zip(ro.prompts, ro.completions)])
-    old, _ = padded([recomputed[r] for r in range(len(ro.prompts))])
+    old, _ = padded(recomputed)
     sampler, _ = padded(ro.old_logprobs)
     # D25: a cut completion is no row of E3 / E4 at all, nor of their denominators (TRL zeroes its
     # completion mask; its token-level losses then agree, its "grpo" loss still counts the row)
@@ -221,8 +223,7 @@ def test_the_step_computes_each_variant_of_e7_on_the_whole_batch(world, variant)
     if variant == "tis":
         assert 0 < out["tis/capped_ratio"] < 1 and out["tis/mean_weight"] > 0
     if variant == "mask-truncated":
-        parts, _ = select_parts(w, ro, TWO_ACTIVE, advantages, [], BY_ID, cfg)
-        assert all(ro.finished[r] for r in parts.policy_rows)
+        assert all(ro.finished[r] for r in batch.policy_rows)
 
 
 
@@ -239,13 +240,14 @@ def test_the_overlong_penalty_reaches_e2_only(world, monkeypatch):
     real_fill = riel.fill_buffer
     monkeypatch.setattr(riel, "fill_buffer", lambda buffer, ex, r: (seen.update(buffer_rewards=r), real_fill(buffer, ex, r))[1])
 
-    def fake_backward(model, world, ro, rewards, advantages, *rest, **kw):
-        seen.update(rewards=rewards, advantages=advantages)
-        return {"loss/total": 0.0, "logprobs/sampler_trainer_gap": 0.0}, {}
-    monkeypatch.setattr(riel, "backward_e7", fake_backward)
+    def fake_batch(ro, grid, advantages, mine, sft, cfg):  # what E7 would be computed from
+        seen.update(rewards=grid.reward[mine], advantages=advantages[mine])
+        return SimpleNamespace(d=Denominators(torch.tensor(1.0), 0, torch.tensor(1.0)))
+    monkeypatch.setattr(riel, "e7_batch", fake_batch)
+    monkeypatch.setattr(riel, "micro_batches", lambda b, cfg: {})
     from meml.buffer import HardExampleBuffer
     cfg = RielConfig(group_size=G, max_new_tokens=12, overlong_penalty=4, advantage_scale="none", positive_only=False)
-    _, metrics = next(riel.riel_step(torch.nn.Linear(1, 1), w, [BY_ID["q0"], BY_ID["q1"]], cfg, 0,
+    metrics = next(riel.riel_step(torch.nn.Linear(1, 1), w, [BY_ID["q0"], BY_ID["q1"]], cfg, 0,
                                      HardExampleBuffer(16, 1, G, 0), BY_ID))
     penalty = -((lengths.float() - 8).clamp(min=0) / 4).clamp(max=1)
     assert penalty.min() < 0  # some completions are within the last 4 tokens of the limit

@@ -12,10 +12,12 @@ from meml.advantage import group_advantages
 from meml.config import RielConfig
 from meml.data import Example
 from meml.kl import inter_expert_kl, reference_kl_loss
-from meml.losses import nll_loss, policy_loss
+from meml.losses import E7_PARTS, e7_weights, nll_loss, policy_loss, total_loss
 from meml.model import ModelConfig, Transformer
 from meml.prompts import expert_prompt, response_ids
-from meml.riel import Rollouts, World, _whole_questions, backward_e7, score_rollouts, select_parts
+from meml.e7 import (Experts, Grid, Rollouts, _whole_questions, backward_e7, e7, e7_batch, e7_metrics, micro_batches,
+                     recomputed_old_logprobs)
+from meml.riel import buffer_targets, score_rollouts
 from meml.tokenizer import Tokenizer
 
 G = 3
@@ -36,7 +38,7 @@ def world(tmp_path_factory):
     config.num_hidden_layers, config.hidden_size, config.intermediate_size = 2, 32, 64
     config.num_attention_heads, config.num_key_value_heads, config.head_dim = 4, 2, 8
     assert tok.vocab_size < config.vocab_size  # a padded vocabulary, as Qwen's
-    return tiny_model(config, 0), World(tok, ["Expert zero.", "Expert one says more.", "Two"], "synthetic"), config
+    return tiny_model(config, 0), Experts(tok, ["Expert zero.", "Expert one says more.", "Two"], "synthetic"), config
 
 
 EXAMPLES = [Example("q0", "Mia has 3 apples and gets 4 more. How many?", "7", "3 + 4 = 7 #### 7"),
@@ -44,19 +46,38 @@ EXAMPLES = [Example("q0", "Mia has 3 apples and gets 4 more. How many?", "7", "3
 BY_ID = {ex.id: ex for ex in EXAMPLES}
 
 
-def make_rollouts(world):
-    """Rollouts for EXAMPLES x 3 experts x G with made-up completions of different lengths."""
+def make_rollouts(world, examples=EXAMPLES):
+    """Rollouts for examples x 3 experts x G with made-up completions of different lengths."""
     tok = world.tokenizer
     prompts, completions = [], []
-    for q, ex in enumerate(EXAMPLES):
+    for q, ex in enumerate(examples):
         for i, p in enumerate(world.system_prompts):
             for g in range(G):
                 prompts.append(expert_prompt(tok, p, "synthetic", ex))
                 completions.append(tok.encode(f"{q + i + g} + {g} = {q + i + 2 * g}" + " ok" * g) + [tok.eot_id])
     old = [torch.zeros(len(c)) for c in completions]
-    rows = torch.arange(len(prompts)).view(len(EXAMPLES), len(world.system_prompts), G)
+    rows = torch.arange(len(prompts)).view(len(examples), len(world.system_prompts), G)
     return Rollouts(rows, prompts, completions, old, [True] * len(prompts), [""] * len(prompts),
                     [torch.zeros(len(c)) for c in completions])
+
+
+def step_batch(w, ro, rewards, advantages, sft_items, cfg):
+    """The step's E7Batch for these rollouts (one process: every question is this rank's)."""
+    grid = Grid.of(ro, rewards, cfg)
+    prompts, targets, _ = buffer_targets(w, sft_items, BY_ID, cfg)
+    return e7_batch(ro, grid, advantages, slice(None), (prompts, targets), cfg)
+
+
+def step_e7(model, w, ro, rewards, advantages, sft_items, cfg, ref_model=None, old_logprobs=None):
+    """`backward_e7` as riel_step calls it in one process; returns (the step's E7 metrics, its batch)."""
+    b = step_batch(w, ro, rewards, advantages, sft_items, cfg)
+    batches = micro_batches(b, cfg)
+    if old_logprobs is not None:
+        b.old_logprobs = old_logprobs
+    elif cfg.recompute_old_logprobs:
+        b.old_logprobs = recomputed_old_logprobs(model, w, ro, batches["policy"], cfg)
+    values, stats = backward_e7(model, w, b, batches, cfg, ref_model)
+    return e7_metrics(values, stats, b.d, cfg), b
 
 
 def seq_logprob(model, prompt, completion, vocab_limit, temperature=1.0):
@@ -80,9 +101,13 @@ def grads(model):
 
 
 def assert_same_grads(a, b):
+    """Equal up to fp32 rounding: rtol 1e-4, and an absolute 1e-6 on the scale of the tensor's
+    largest entry (an embedding's gradient sums many rows; where it nearly cancels, summing in
+    another order leaves ~1e-6 of a gradient whose largest entry is ~5)."""
     assert a.keys() == b.keys()
     for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=1e-4), name
+        scale = max(1.0, b[name].abs().max().item())
+        assert torch.allclose(a[name], b[name], atol=1e-6 * scale, rtol=1e-4), name
 
 
 # Question 0: expert 0 right twice, expert 2 never: E+ = 0, E- = 2, active.
@@ -98,7 +123,8 @@ ONE_ACTIVE = torch.tensor([[[1, 1, 0], [1, 0, 0], [0, 0, 0]],
 def test_the_accumulated_gradient_is_the_gradient_of_e7_written_out_on_the_whole_batch(world, aggregation):
     """All four parts active: clipped E3 with nonzero advantages and π_old ≠ π_θ (some tokens
     clipped), E4 with β > 0 against another model, E5 on two questions, and a buffer SFT; rows
-    scored in micro-batches of 3, E5 in two micro-batches that each hold one whole question."""
+    scored in micro-batches of 3, E5 in two micro-batches that each hold one whole question.
+    backward_e7 (micro-batches) = meml.riel.e7 (the whole batch at once) = E7 written out here."""
     model, w, config = world
     ref_model = tiny_model(config, 1)
     ro = make_rollouts(w)
@@ -112,9 +138,18 @@ def test_the_accumulated_gradient_is_the_gradient_of_e7_written_out_on_the_whole
     cfg = RielConfig(group_size=G, aggregation=aggregation, loss="clipped", clip_eps=0.1, beta=0.3,
                      lambda1=0.5, lambda2=2.0, micro_batch_size=3, temperature=0.8, max_new_tokens=14)
     model.zero_grad()
-    out, _ = backward_e7(model, w, ro, TWO_ACTIVE, advantages, sft_items, BY_ID, cfg, ref_model)
+    out, batch = step_e7(model, w, ro, TWO_ACTIVE, advantages, sft_items, cfg, ref_model)
     got = grads(model)
     assert out["inter_expert/active_questions"] == 2 and 0 < out["clip_ratio"] < 1
+    assert [len(m) for m in micro_batches(batch, cfg).values()] == [6, 2, 2]  # several of each kind
+
+    # E7 in one expression in the package (meml.riel.e7), one backward: the same gradient
+    model.zero_grad()
+    parts = e7(model, w, batch, cfg, ref_model)
+    total_loss(parts, e7_weights(cfg)).backward()
+    assert_same_grads(got, grads(model))
+    for name, part in E7_PARTS.items():
+        assert out[part.metric] == pytest.approx(parts[name].item(), rel=1e-5, abs=1e-7), name
 
     model.zero_grad()
     logp, mask = padded([seq_logprob(model, p, c, V, 0.8) for p, c in zip(ro.prompts, ro.completions)])
@@ -130,13 +165,17 @@ def test_the_accumulated_gradient_is_the_gradient_of_e7_written_out_on_the_whole
     sft_logp, sft_mask = padded([seq_logprob(model, expert_prompt(w.tokenizer, w.system_prompts[i], "synthetic", BY_ID[q]),
                                              response_ids(w.tokenizer, BY_ID[q].solution), V) for q, i in sft_items])
     max_len = 14 if aggregation == "dr_grpo" else None
-    e7 = (policy_loss(logp, mask, advantages.flatten(), old, clip_eps=0.1, aggregation=aggregation, max_len=max_len)
-          + 0.3 * reference_kl_loss(logp, ref_logp, mask, "k3", aggregation, max_len)
-          + 0.5 * inter_expert_kl(plus, minus, torch.tensor([0, 0, 1, 1]))
-          + 2.0 * nll_loss(sft_logp, sft_mask))
-    e7.backward()
-    assert out["loss/total"] == pytest.approx(e7.item(), rel=1e-4, abs=1e-6)
+    by_hand = {"policy": policy_loss(logp, mask, advantages.flatten(), old, clip_eps=0.1, aggregation=aggregation,
+                                     max_len=max_len),
+               "reference_kl": reference_kl_loss(logp, ref_logp, mask, "k3", aggregation, max_len),
+               "inter_expert_kl": inter_expert_kl(plus, minus, torch.tensor([0, 0, 1, 1])),
+               "sft": nll_loss(sft_logp, sft_mask)}
+    e7_by_hand = by_hand["policy"] + 0.3 * by_hand["reference_kl"] + 0.5 * by_hand["inter_expert_kl"] + 2.0 * by_hand["sft"]
+    e7_by_hand.backward()
+    assert out["loss/total"] == pytest.approx(e7_by_hand.item(), rel=1e-4, abs=1e-6)
     assert_same_grads(got, grads(model))
+    for name, value in by_hand.items():  # each part on its own, against meml.riel.e7's
+        assert parts[name].item() == pytest.approx(value.item(), rel=1e-4, abs=1e-6), name
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "dr_grpo"])
@@ -148,7 +187,7 @@ def test_rows_with_zero_advantage_are_skipped_without_changing_the_gradient(worl
     cfg = RielConfig(group_size=G, aggregation=aggregation, micro_batch_size=4, temperature=0.8,
                      max_new_tokens=12, lambda1=0.0)
     model.zero_grad()
-    out, _ = backward_e7(model, w, ro, ONE_ACTIVE, advantages, [], BY_ID, cfg)
+    out, _ = step_e7(model, w, ro, ONE_ACTIVE, advantages, [], cfg)
     got = grads(model)
 
     model.zero_grad()
@@ -165,7 +204,7 @@ def test_inter_expert_term_is_zero_when_experts_tie(world):
     model, w, _ = world
     rewards = torch.tensor([[[1, 0, 0]] * 3, [[0, 0, 0]] * 3], dtype=torch.float)
     model.zero_grad()
-    out, _ = backward_e7(model, w, make_rollouts(w), rewards, torch.zeros(2, 3, G), [], BY_ID, RielConfig(group_size=G))
+    out, _ = step_e7(model, w, make_rollouts(w), rewards, torch.zeros(2, 3, G), [], RielConfig(group_size=G))
     assert out["loss/inter_expert_kl"] == 0.0 and out["inter_expert/active_questions"] == 0
     assert grads(model) == {}
 
@@ -175,7 +214,7 @@ def test_full_vocab_inter_expert_term_is_the_exact_kl_along_the_plus_rollouts(wo
     ro = make_rollouts(w)
     model.zero_grad()
     cfg = RielConfig(group_size=G, inter_expert_variant="full_vocab", micro_batch_size=1)
-    out, _ = backward_e7(model, w, ro, ONE_ACTIVE, torch.zeros(2, 3, G), [], BY_ID, cfg)
+    out, _ = step_e7(model, w, ro, ONE_ACTIVE, torch.zeros(2, 3, G), [], cfg)
     got = grads(model)
 
     model.zero_grad()
@@ -199,7 +238,7 @@ def test_token_mean_inter_expert_term_divides_each_plus_rollout_by_its_length(wo
     ro = make_rollouts(w)
     model.zero_grad()
     cfg = RielConfig(group_size=G, inter_expert_variant="token_mean", micro_batch_size=1, lambda1=0.3)
-    out, _ = backward_e7(model, w, ro, ONE_ACTIVE, torch.zeros(2, 3, G), [], BY_ID, cfg)
+    out, _ = step_e7(model, w, ro, ONE_ACTIVE, torch.zeros(2, 3, G), [], cfg)
     got = grads(model)
 
     model.zero_grad()
@@ -225,17 +264,16 @@ def test_buffer_targets_are_verified_expert_answers_with_the_gold_solution_when_
     to q1's gold solution, and the fallback is counted."""
     _, w, _ = world
     tok = w.tokenizer
-    answered = World(tok, w.system_prompts, "synthetic", {("q0", 1): "4 + 3 = 7 #### 7"})
+    answered = Experts(tok, w.system_prompts, "synthetic", {("q0", 1): "4 + 3 = 7 #### 7"})
     items = [("q0", 1), ("q1", 1), ("q1", 2)]
     cfg = RielConfig(group_size=G, buffer_target="expert")
-    parts, fallbacks = select_parts(answered, make_rollouts(w), ONE_ACTIVE, torch.zeros(2, 3, G), items, BY_ID, cfg)
-    assert parts.sft_targets == [response_ids(tok, "4 + 3 = 7 #### 7"), response_ids(tok, BY_ID["q1"].solution),
+    prompts, targets, fallbacks = buffer_targets(answered, items, BY_ID, cfg)
+    assert targets == [response_ids(tok, "4 + 3 = 7 #### 7"), response_ids(tok, BY_ID["q1"].solution),
                                  response_ids(tok, BY_ID["q1"].solution)]
-    assert parts.sft_prompts[1] == expert_prompt(tok, w.system_prompts[1], "synthetic", BY_ID["q1"])
+    assert prompts[1] == expert_prompt(tok, w.system_prompts[1], "synthetic", BY_ID["q1"])
     assert fallbacks == 2
-    gold, fallbacks = select_parts(answered, make_rollouts(w), ONE_ACTIVE, torch.zeros(2, 3, G), items, BY_ID,
-                                   RielConfig(group_size=G))
-    assert gold.sft_targets[0] == response_ids(tok, BY_ID["q0"].solution) and fallbacks == 0
+    _, gold, fallbacks = buffer_targets(answered, items, BY_ID, RielConfig(group_size=G))
+    assert gold[0] == response_ids(tok, BY_ID["q0"].solution) and fallbacks == 0
 
 
 def test_rollouts_are_addressed_by_question_expert_and_rollout(world):
@@ -274,14 +312,15 @@ def test_first_update_with_recomputed_old_logprobs_has_e3s_gradient(world):
     advantages = group_advantages(TWO_ACTIVE, scale="group_std")
     base = dict(group_size=G, lambda1=0.0, micro_batch_size=4, max_new_tokens=14)
     model.zero_grad()
-    out, recomputed = backward_e7(model, w, ro, TWO_ACTIVE, advantages, [], BY_ID,
-                                  RielConfig(**base, loss="clipped", recompute_old_logprobs=True))
+    out, b = step_e7(model, w, ro, TWO_ACTIVE, advantages, [], RielConfig(**base, loss="clipped", recompute_old_logprobs=True))
     clipped = grads(model)
     assert out["clip_ratio"] == 0.0 and out["logprobs/sampler_trainer_gap"] == pytest.approx(3.0, abs=1e-4)
     model.zero_grad()
-    backward_e7(model, w, ro, TWO_ACTIVE, advantages, [], BY_ID, RielConfig(**base, loss="paper"))
+    step_e7(model, w, ro, TWO_ACTIVE, advantages, [], RielConfig(**base, loss="paper"))
     assert_same_grads(clipped, grads(model))
-    assert sorted(recomputed) == [r for r in range(len(ro.prompts)) if ro.per_row(advantages)[r] != 0]
+    # π_old is one list of per-row log-probs: recomputed on the rows E3 scores, the sampler's elsewhere
+    recomputed = [r for r in range(len(ro.prompts)) if not torch.equal(b.old_logprobs[r], ro.old_logprobs[r])]
+    assert recomputed == b.policy_rows == [r for r in range(len(ro.prompts)) if ro.per_row(advantages)[r] != 0]
 
 
 def test_second_update_uses_the_first_updates_log_probs_as_pi_old_and_clips(world, tmp_path):
@@ -294,17 +333,18 @@ def test_second_update_uses_the_first_updates_log_probs_as_pi_old_and_clips(worl
     cfg = RielConfig(group_size=G, lambda1=0.0, micro_batch_size=4, max_new_tokens=14, loss="clipped",
                      recompute_old_logprobs=True, clip_eps=0.05)
     model.zero_grad()
-    _, old = backward_e7(model, w, ro, TWO_ACTIVE, advantages, [], BY_ID, cfg)
+    _, first = step_e7(model, w, ro, TWO_ACTIVE, advantages, [], cfg)
+    old = first.old_logprobs
     torch.optim.SGD(model.parameters(), lr=3.0).step()
     model.zero_grad()
-    out, _ = backward_e7(model, w, ro, TWO_ACTIVE, advantages, [], BY_ID, cfg, old_logprobs=old)
+    out, _ = step_e7(model, w, ro, TWO_ACTIVE, advantages, [], cfg, old_logprobs=old)
     got = grads(model)
     assert 0 < out["clip_ratio"] < 1
 
     model.zero_grad()
     V = w.tokenizer.vocab_size
     logp, mask = padded([seq_logprob(model, p, c, V) for p, c in zip(ro.prompts, ro.completions)])
-    old_all, _ = padded([old.get(r, torch.zeros(len(c))) for r, c in enumerate(ro.completions)])
+    old_all, _ = padded(old)
     expected = policy_loss(logp, mask, advantages.flatten(), old_all, clip_eps=0.05)
     expected.backward()
     assert out["loss/policy"] == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
@@ -320,7 +360,7 @@ def test_every_expert_draws_its_own_rollouts(world):
     relies on). Here experts 0 and 1 share a prompt: their rollouts must still differ."""
     from meml.riel import sample_rollouts
     model, w, _ = world
-    twins = World(w.tokenizer, ["Same prompt.", "Same prompt.", "Other."], "synthetic")
+    twins = Experts(w.tokenizer, ["Same prompt.", "Same prompt.", "Other."], "synthetic")
     cfg = RielConfig(group_size=G, max_new_tokens=10, temperature=1.0)
     ro = sample_rollouts(model, twins, EXAMPLES, cfg, step_key=1234)
     for q in range(len(EXAMPLES)):
@@ -358,7 +398,7 @@ def test_the_buffers_sft_is_scored_at_temperature_1(world):
     items = [("q0", 1), ("q1", 2)]
     cfg = RielConfig(group_size=G, temperature=0.5, lambda1=0.0, micro_batch_size=4)
     model.zero_grad()
-    out, _ = backward_e7(model, w, ro, ONE_ACTIVE, torch.zeros(2, 3, G), items, BY_ID, cfg)
+    out, _ = step_e7(model, w, ro, ONE_ACTIVE, torch.zeros(2, 3, G), items, cfg)
     V = w.tokenizer.vocab_size
 
     def nll(temperature):
@@ -379,8 +419,8 @@ def test_the_steps_metrics_and_total_read_every_part_of_e7(world):
     ro = make_rollouts(w)
     cfg = RielConfig(group_size=G, beta=0.3, lambda1=0.5, lambda2=2.0, micro_batch_size=4, loss="clipped")
     model.zero_grad()
-    out, _ = backward_e7(model, w, ro, TWO_ACTIVE, group_advantages(TWO_ACTIVE, scale="group_std"),
-                         [("q0", 2)], BY_ID, cfg, tiny_model(config, 1))
+    out, _ = step_e7(model, w, ro, TWO_ACTIVE, group_advantages(TWO_ACTIVE, scale="group_std"), [("q0", 2)], cfg,
+                     tiny_model(config, 1))
     weights = e7_weights(cfg)
     assert all(out[part.metric] != 0.0 for part in E7_PARTS.values())  # all four parts active
     assert out["loss/total"] == pytest.approx(sum(weights[n] * out[p.metric] for n, p in E7_PARTS.items()), rel=1e-6)
