@@ -27,7 +27,7 @@ from meml.errors import ArgumentParser, InputError, count_at_least
 from meml.evaluation import evaluate_experts, format_results
 from meml.inference import load
 from meml.prompts import EXPERT_SYSTEM_PROMPTS, read_system_prompts
-from meml.task import precision_of
+from meml.task import precision_of, reward_of
 
 
 def parse_args(argv=None):
@@ -36,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--dataset", choices=sorted(LOADERS) + ["synthetic"],
                    help="verifier and loader (default: the run's, for a train.py checkpoint)")
     p.add_argument("--data", type=Path, help="questions in the data set's original format (not for synthetic)")
+    p.add_argument("--reward", help="the verifier, as train.py's --reward (default: the run's, else --dataset's own)")
     p.add_argument("--system-prompts", type=Path, help="JSON list of the experts' system prompts "
                    "(default: the run's, else the built-in ones)")
     p.add_argument("--limit", type=count_at_least(1), help="evaluate at most N questions (default: the run's held-out "
@@ -87,6 +88,8 @@ def run(argv=None) -> int:
     if dataset is None:
         raise InputError(f"{args.model} is not a train.py checkpoint (no meml_run.json): pass --dataset")
     seed = args.seed if args.seed is not None else (info["seed"] if info else 0)
+    spec = args.reward or (info.get("reward") if info and info["dataset"] == dataset else None)
+    verifier = reward_of(argparse.Namespace(reward=spec), dataset)
     examples, source = questions(args, info, dataset, seed)
     if args.system_prompts:
         prompts = read_system_prompts(args.system_prompts)
@@ -100,7 +103,8 @@ def run(argv=None) -> int:
     if precision.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model, tokenizer = load(args.model, device=device, dtype=precision.compute)
-    r = evaluate_experts(model, tokenizer, examples[:limit], prompts, dataset, max_new_tokens=max_new_tokens,
+    r = evaluate_experts(model, tokenizer, examples[:limit], prompts, dataset, verifier=verifier,
+                         max_new_tokens=max_new_tokens,
                          batch_size=args.batch_size, pass_k=args.pass_k, seed=seed,
                          difficulty=synthetic.difficulty_of if dataset == "synthetic" else None)
     print(f"{r['num_questions']} questions ({source}), {len(prompts)} expert prompts")

@@ -50,7 +50,11 @@ def make_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("what to train (default: the built-in synthetic world)")
     g.add_argument("--model", type=Path, help="checkpoint folder (config.json, model.safetensors, tokenizer)")
     g.add_argument("--dataset", choices=sorted(data.LOADERS), help="verifier and loader for --data")
-    g.add_argument("--data", type=Path, help="training questions in the data set's original format")
+    g.add_argument("--data", type=Path, help="training questions in the data set's original format (jsonl: one "
+                   '{"question": text or messages, "answer", "id"?, "solution"?, ...} a line)')
+    g.add_argument("--reward", help="the verifier: PATH.py:function or module:function, "
+                   "function(completion: str, example: dict) -> float in [0, 1]; or a built-in (gsm8k, mathqa, "
+                   "strategyqa); default: --dataset's own")
     g.add_argument("--eval-data", type=Path, help="held-out questions (default: the last --eval-size of --data)")
     g.add_argument("--expert-data", type=Path, action="append", default=[],
                    help='JSONL {"id", "expert", "response"} (repeatable); expert 0 defaults to the gold solutions')
@@ -107,7 +111,7 @@ def given_flags(argv: list[str]) -> set[str]:
 # how it reports, never what it computes. Every other flag given with --resume is an error.
 RESUME_MAY_CHANGE = ("riel_steps", "save_every", "sample_every", "threads", "device", "report_to")
 # Flags that describe a real checkpoint's task: without --model they would be silently unused.
-MODEL_ONLY = ("dataset", "data", "eval_data", "expert_data", "teacher", "system_prompts")
+MODEL_ONLY = ("dataset", "data", "eval_data", "expert_data", "teacher", "system_prompts", "reward")
 
 
 def resumed_args(args, argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
@@ -176,7 +180,7 @@ def evaluate(task: Task, cfg: TrainConfig, precision: Precision, examples: list 
         return None
     difficulty = synthetic.difficulty_of if task.dataset == "synthetic" else None
     score = lambda questions, pass_k: evaluate_experts(  # noqa: E731
-        task.model, task.tokenizer, questions, task.system_prompts, task.dataset,
+        task.model, task.tokenizer, questions, task.system_prompts, task.dataset, verifier=task.verifier,
         max_new_tokens=cfg.eval_max_new_tokens, pass_k=pass_k, seed=cfg.seed, difficulty=difficulty)
     training = task.model.training
     with mixed_precision(task.model.output_weight.device.type, precision.compute):
@@ -284,8 +288,13 @@ def run_riel(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, ch
     optimizer = make_optimizer(task.model, stage)
     start = resume_stage(state, stage, optimizer, checkpoint)
     by_id = {ex.id: ex for ex in task.train}
-    experts = Experts(task.tokenizer, task.system_prompts, task.dataset,
-                  {(a.id, task.experts.index(a.expert)): a.response for a in task.answers if a.expert in task.experts})
+    verified = {(a.id, task.experts.index(a.expert)): a.response for a in task.answers if a.expert in task.experts}
+    experts = Experts(task.tokenizer, task.system_prompts, task.dataset, verified, task.verifier)
+    no_target = [ex.id for ex in task.train if not ex.solution and r.hard_example_buffer
+                 and not any((ex.id, i) in experts.verified_answers for i in range(len(task.system_prompts)))]
+    if no_target:  # said once: such a question can enter the buffer, but its SFT item is skipped
+        print(f"{len(no_target)} of {len(task.train)} training questions have no SFT target for the buffer (no "
+              f"'solution' and no verified expert answer; first: {no_target[0]!r}): their buffer items are skipped")
 
     def riel_step_at(step):
         idx = batch_indices(len(task.train), r.questions_per_step, step, cfg.seed + 1)

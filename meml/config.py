@@ -105,6 +105,9 @@ class RielConfig:
     hard_example_buffer: bool = option(True, "the hard-example buffer, E6")
     buffer_k: int = option(6, "K: a group with more than K of G wrong may enter the buffer [D10]", at_least=0)
     buffer_capacity: int = option(64, "B: buffer size that triggers SFT (paper: 64)", at_least=1)
+    buffer_wrong_below: float = option(1.0, "a rollout counts as wrong for the buffer when its reward is below "
+                                       "this (1: anything short of full marks; --reward may give partial credit)",
+                                       above=0, at_most=1)
     buffer_target: str = option("gold", "SFT target: the gold worked solution or expert i's own verified "
                                 "answer [D11]", choices=TARGETS)
     lambda2: float = option(1.0, "weight of the buffer's SFT loss, E6 [D9]", at_least=0)

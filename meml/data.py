@@ -1,7 +1,7 @@
 """Data records shared by every data source (GSM8K, MathQA, StrategyQA, the synthetic world),
 and the loaders that read the real files in their original formats into them.
 
-A question with a verifiable gold answer and a gold worked solution (README.md, "The method in eight equations"), and
+A question with a verifiable gold answer and a gold worked solution (README.md, "The method, equation by equation"), and
 an expert's reference answer used by MEF (E1), stored as JSONL (format below).
 """
 import ast
@@ -23,6 +23,15 @@ class Example:
     answer: str                           # gold final answer, canonical form ("72", "c", "yes")
     solution: str                         # gold worked solution S_j (ends with the answer)
     options: dict[str, str] | None = None  # MathQA: option letter -> option text
+    messages: tuple | None = None         # a JSONL question given as a conversation (user/assistant turns)
+    fields: dict | None = None            # a JSONL record's fields, unchanged: what --reward receives
+
+    def record(self) -> dict:
+        """What a reward function of one's own receives (meml.rewards.Verifier)."""
+        if self.fields is not None:
+            return self.fields
+        return {"id": self.id, "question": self.question, "answer": self.answer, "solution": self.solution,
+                "options": self.options}
 
 
 @dataclass(frozen=True)
@@ -234,5 +243,59 @@ def write_expert_jsonl(path, answers) -> None:
         raise
 
 
+# Your own task: JSONL, one object per line,
+#     {"question": "<text>" or [{"role": "user", "content": "..."}, ...], "answer": "<gold answer>",
+#      "id": "<optional>", "solution": "<optional worked solution>", ...any other fields}
+# The other fields reach the reward function unchanged (--reward, meml.rewards.Verifier).
+
+def load_jsonl(path) -> list[Example]:
+    """Questions of one's own task. `question` is a string (the user message) or a conversation:
+    user and assistant turns, ending with the user's; the experts' system prompts are the system
+    messages, so a record's own system message is refused. `answer` is a string or a number;
+    `id` defaults to jsonl-<file stem>-<line>; `solution` (expert 0's worked answer: MEF's and
+    the buffer's target) may be left out."""
+    path = Path(path)
+    examples, seen = [], {}
+    for line_no, record in _jsonl_records(path):
+        where = f"{path}:{line_no}"
+        question = record.get("question")
+        if question is None:
+            raise InputError(f"{where}: field 'question' is missing")
+        messages = _conversation(question, where) if isinstance(question, list) else None
+        if messages is None and not isinstance(question, str):
+            raise InputError(f"{where}: field 'question' must be a string or a list of messages, "
+                             f"got {type(question).__name__}")
+        if "answer" not in record:
+            raise InputError(f"{where}: field 'answer' is missing")
+        answer = record["answer"]
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+            raise InputError(f"{where}: field 'answer' must be a string or a number, got {type(answer).__name__}")
+        id_ = _field(record, "id", str, where) if "id" in record else f"jsonl-{path.stem}-{line_no}"
+        if id_ in seen:
+            raise InputError(f"{where}: id {id_!r} is already the id of line {seen[id_]}")
+        seen[id_] = line_no
+        solution = _field(record, "solution", str, where) if "solution" in record else ""
+        text = question if messages is None else "\n".join(m["content"] for m in messages)
+        examples.append(Example(id_, text, str(answer), solution, messages=messages, fields=record))
+    return examples
+
+
+def _conversation(messages: list, where: str) -> tuple:
+    """A JSONL question given as messages, checked: user/assistant turns ending with the user's."""
+    if not messages:
+        raise InputError(f"{where}: field 'question' is an empty list of messages")
+    for k, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("user", "assistant")):
+            if isinstance(m, dict) and m.get("role") == "system":
+                raise InputError(f"{where}: message {k}: a system message; the experts' system prompts are the "
+                                 "system messages (an expert is its system prompt), so put it in the user turn")
+            raise InputError(f"{where}: message {k}: expected {{\"role\": \"user\" or \"assistant\", "
+                             f"\"content\": string}}, got {json.dumps(m)[:80]}")
+    if messages[-1]["role"] != "user":
+        raise InputError(f"{where}: the conversation ends with an assistant message; it must end with the "
+                         "user's turn, which the experts answer")
+    return tuple({"role": m["role"], "content": m["content"]} for m in messages)
+
+
 # Data set name -> loader of its original file format (train.py --dataset, evaluate.py --dataset).
-LOADERS = {"gsm8k": load_gsm8k, "mathqa": load_mathqa, "strategyqa": load_strategyqa}
+LOADERS = {"gsm8k": load_gsm8k, "mathqa": load_mathqa, "strategyqa": load_strategyqa, "jsonl": load_jsonl}

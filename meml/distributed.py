@@ -6,13 +6,14 @@ identity and no process group exists. The model is replicated: every rank holds 
 the same optimizer state, and stays identical because every rank applies the same update.
 
 What the training step sends across ranks (meml/riel.py, meml/mef.py, meml/evaluation.py):
-- the loss's denominators (completion tokens and rows of the step, active E5 questions, buffer
-  target tokens) are summed over ranks before any backward (`all_reduce_sum`), so each rank's
-  backward is its exact share of the one global loss;
+- RIEL gathers the step's grid of per-rollout figures (`all_gather_tensor`: rewards, lengths,
+  finished), from which every rank computes the loss's denominators (completion tokens and rows
+  of the step, active E5 questions, buffer target tokens) before any backward, so each rank's
+  backward is its exact share of the one global loss (MEF sums its token count, `all_reduce_sum`);
 - gradients are summed once per optimizer update (`sum_gradients`), then clipped: the update is
   that of a world of one given the same rollouts;
-- RIEL's rewards are gathered so every rank fills the hard-example buffer identically, in global
-  question order (`all_gather_tensor`); metrics are sums of numerators and counts;
+- the same gathered rewards let every rank fill the hard-example buffer identically, in global
+  question order; metrics are sums of numerators and counts (`all_reduce_sum`);
 - evaluation results are gathered (`all_gather_objects`) and rank 0 reports them.
 Collectives run under the process group's timeout, so a rank that stops answering fails the run
 instead of hanging it.
@@ -24,7 +25,8 @@ and AdamW keeps only each rank's shard of its states. Three rules keep it the sa
 replicated model's and keep it from hanging:
 - gradients are *summed* over ranks, as `sum_gradients` does (FSDP2's default is the mean);
 - every rank runs the same number of forward and backward passes, since each one is a
-  collective: meml/riel.py pads a rank's shorter list of micro-batches with zero-weight ones;
+  collective: `equal_passes` pads a rank's shorter lists of micro-batches, and meml/e7.py makes
+  a zero-weight pass for each pad;
 - generation runs inside `gathered(model)`: every weight is gathered once and kept until the
   rollouts are done, so decoding (whose number of steps differs by rank) runs no collective.
 Checkpoints hold full tensors (`full_state_dict`, `full_optimizer_state`), gathered one tensor at

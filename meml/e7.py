@@ -3,7 +3,7 @@ E7 on the whole batch in one expression (`e7`) and its memory-bounded equal (`ba
 
     L = L_GRPO + β·L_ref + λ1·L_KL + λ2·L_SFT                                            (E7)
 
-The parts, one function each, named in meml.losses.E7_PARTS:
+The parts, named in meml.losses.E7_PARTS, computed by three passes over rows:
   L_GRPO  `policy_part`: `policy_loss` on the rollouts whose advantage is not 0         (E3)
           and L_ref, `reference_kl_loss` on the same rows, when β > 0                   (E4)
   L_KL    `inter_expert_part`: each O+ row of an active question scored under E+'s prompt
@@ -25,9 +25,11 @@ sampled, so it is scored at T = 1, the model's own distribution.
 π_old (E3', D21) is one list of per-row log-probs: the sampler's, or `recomputed_old_logprobs`,
 a pass of the training forward without a graph before the first update.
 
-A new term of E7: a function here that returns its share (like `sft_part`), its line in
-meml.losses.E7_PARTS, and its weight's option in meml/config.py (tests/test_riel.py fails when
-a part is in one place and not the others).
+A new term of E7 computed on rows a pass already scores (an entropy bonus on the policy rows)
+is three edits: its value in that pass's function, its line in meml.losses.E7_PARTS and its
+weight's option in meml/config.py (tests/test_riel.py fails when a part is in one place and not
+the others). A term on rows of its own also needs a pass: its function in `PASSES`, its
+micro-batches in `micro_batches`, its rows in `e7_batch` and its line in `_IDLE_PASSES`.
 """
 from collections import Counter
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ from meml.kl import inter_expert_kl, inter_expert_kl_full_vocab, plus_rollouts, 
 from meml.losses import (E7_PARTS, aggregation_denominator, clip_fraction, e7_weights, nll_loss, overlong_penalty,
                          policy_loss, total_loss, truncated_is_weights)
 from meml.policy import completion_hidden, completion_logprobs, pack
+from meml.rewards import Verifier
 
 
 @dataclass
@@ -47,8 +50,12 @@ class Experts:
     """The experts RIEL trains and what they share: the tokenizer and the task's verifier."""
     tokenizer: object
     system_prompts: list[str]          # P_i, one per expert taking part
-    dataset: str                       # verifier name for meml.rewards.reward
+    dataset: str                       # data set name (how a question is put to the experts)
     verified_answers: dict | None = None  # (example_id, expert) -> reference answer the verifier accepts
+    verifier: Verifier | None = None   # the reward; default: the data set's built-in verifier
+
+    def reward(self, completion: str, example) -> float:
+        return (self.verifier or Verifier(self.dataset, builtin=self.dataset))(completion, example)
 
 
 @dataclass
@@ -57,7 +64,7 @@ class Rollouts:
     rows: torch.Tensor                 # [Q, N, G] long
     prompts: list[list[int]]           # per row: P_i + Q_q, chat-formatted
     completions: list[list[int]]       # per row: sampled ids, stop token included
-    old_logprobs: list[torch.Tensor]   # per row: the sampler's log-prob of each completion token
+    sampler_logprobs: list[torch.Tensor]  # per row: the sampler's log-prob of each completion token
     finished: list[bool]               # per row: stopped (True) or cut at max_new_tokens
     texts: list[str]                   # per row: decoded completion
     entropy: list[torch.Tensor]        # per row: entropy of each step's sampling distribution
@@ -123,6 +130,7 @@ class E7Batch:
     sft_targets: list[list[int]]     # E6: its target S, end-of-turn included
     d: Denominators
 
+
 def e7_batch(ro: Rollouts, grid: Grid, advantages: torch.Tensor, mine: slice, sft: tuple[list, list],
              cfg: RielConfig) -> E7Batch:
     """Which rows each part of E7 sees on this rank, and the whole step's denominators.
@@ -134,17 +142,20 @@ def e7_batch(ro: Rollouts, grid: Grid, advantages: torch.Tensor, mine: slice, sf
     plus_rows = minus_rows = plus_question = torch.zeros(0, dtype=torch.long)
     active_questions = 0
     if cfg.lambda1 > 0 and rewards.shape[1] > 1:
-        e_plus, e_minus, active = select_expert_pairs(rewards)            # [Q] each
+        e_plus, e_minus, active = select_expert_pairs(grid.reward)          # [Q] each, the whole step's
+        active_questions = int(active.sum())
+        e_plus, e_minus, active = e_plus[mine], e_minus[mine], active[mine]  # this rank's questions
         plus_question, g = (plus_rollouts(rewards, e_plus) & active[:, None]).nonzero(as_tuple=True)  # [M]
         plus_rows = ro.rows[plus_question, e_plus[plus_question], g]
         minus_rows = ro.rows[plus_question, e_minus[plus_question], 0]
-        active_questions = int(select_expert_pairs(grid.reward)[2].sum())
+    if cfg.lambda2 == 0:  # E6 weighs nothing: its items are not scored (as E5's rows with λ1 = 0)
+        sft = ([], [])
     counted = grid.finished.bool() | (not cfg.mask_truncated)  # D25: --mask-truncated leaves cut rows out
     d = Denominators(policy=aggregation_denominator(grid.length[counted].long(), cfg.aggregation, cfg.max_new_tokens),
                      inter_expert=active_questions,
                      sft=torch.tensor(float(sum(len(t) for t in sft[1]))).clamp(min=1))
     sft_prompts, sft_targets = distributed.dealt(sft[0]), distributed.dealt(sft[1])
-    return E7Batch(ro, advantage, ro.old_logprobs, policy_rows, plus_rows, minus_rows, plus_question,
+    return E7Batch(ro, advantage, ro.sampler_logprobs, policy_rows, plus_rows, minus_rows, plus_question,
                    sft_prompts, sft_targets, d)
 
 
@@ -160,7 +171,7 @@ def policy_part(model, experts: Experts, b: E7Batch, rows: list[int], cfg: RielC
                  device=model.output_weight.device)
     mask = batch.completion_mask                                                              # [b, T]
     logp = completion_logprobs(model, batch, temperature=cfg.temperature, vocab_limit=tok.vocab_size)  # [b, T]
-    sampled = _padded([ro.old_logprobs[r] for r in rows], logp.shape[1]).to(logp.device)       # [b, T]
+    sampled = _padded([ro.sampler_logprobs[r] for r in rows], logp.shape[1]).to(logp.device)       # [b, T]
     old = _padded([b.old_logprobs[r] for r in rows], logp.shape[1]).to(logp.device)            # [b, T] π_old
     a = b.advantage[rows].to(logp.device)                                                     # [b]
     tokens = mask.sum().item()
@@ -205,6 +216,7 @@ def inter_expert_part(model, experts: Experts, b: E7Batch, positions: torch.Tens
             lp_plus = completion_logprobs(model, plus, temperature=cfg.temperature, vocab_limit=tok.vocab_size)
         lp_minus = completion_logprobs(model, minus, temperature=cfg.temperature, vocab_limit=tok.vocab_size)
         per_token = cfg.inter_expert_variant == "token_mean"  # else the sum over O+'s tokens (D8)
+        # log π(O+ | P) summed over O+'s tokens: completion_logprobs is 0 off the completion mask
         kl = inter_expert_kl(lp_plus.sum(1), lp_minus.sum(1), question, b.d.inter_expert,
                              num_tokens=minus.completion_mask.sum(1) if per_token else None)
     return {"inter_expert_kl": kl}, {}
@@ -222,10 +234,10 @@ def sft_part(model, experts: Experts, b: E7Batch, items: range, cfg: RielConfig,
 PASSES = {"policy": policy_part, "inter_expert": inter_expert_part, "sft": sft_part}
 
 
-def e7(model, experts: Experts, b: E7Batch, cfg: RielConfig, ref_model=None) -> dict[str, torch.Tensor]:
-    """E7 on the whole step at once: each part's value over all its rows, by name
-    (meml.losses.E7_PARTS). L = total_loss(e7(...), e7_weights(cfg)). `backward_e7` computes the
-    same gradient in micro-batches."""
+def e7(model, experts: Experts, b: E7Batch, cfg: RielConfig, ref_model=None) -> tuple[torch.Tensor, dict]:
+    """E7 on the whole step at once: (L, each part's value by name). Each part over all its rows,
+    then L = L_GRPO + β·L_ref + λ1·L_KL + λ2·L_SFT (`total_loss` with the weights of
+    meml.losses.E7_PARTS). `backward_e7` computes the same gradient in micro-batches."""
     values = {}
     if b.policy_rows:
         values.update(policy_part(model, experts, b, b.policy_rows, cfg, ref_model)[0])       # E3, E4
@@ -233,7 +245,7 @@ def e7(model, experts: Experts, b: E7Batch, cfg: RielConfig, ref_model=None) -> 
         values.update(inter_expert_part(model, experts, b, torch.arange(len(b.plus_rows)), cfg)[0])  # E5
     if b.sft_targets:
         values.update(sft_part(model, experts, b, range(len(b.sft_targets)), cfg)[0])          # E6
-    return values
+    return total_loss(values, e7_weights(cfg)), values                                           # E7
 
 
 def micro_batches(b: E7Batch, cfg: RielConfig) -> dict[str, list]:
@@ -268,7 +280,7 @@ def recomputed_old_logprobs(model, experts: Experts, ro: Rollouts, batches: list
     """D21: π_old from the training forward, a pass without a graph over the policy rows in the
     micro-batches the updates use (so the first update's ratio is exactly 1). Rows outside them
     keep the sampler's (nothing reads them)."""
-    tok, old = experts.tokenizer, list(ro.old_logprobs)
+    tok, old = experts.tokenizer, list(ro.sampler_logprobs)
     for rows in batches:
         if rows is None:
             _idle_pass(model, tok, "recompute")
@@ -283,14 +295,14 @@ def recomputed_old_logprobs(model, experts: Experts, ro: Rollouts, batches: list
 
 # The passes one micro-batch of each kind makes: forwards without a graph, then (True) a forward
 # with a graph and its backward. E5 scores O+ under P+ without a graph first.
-_PASSES_OF = {"recompute": (1, False), "policy": (0, True), "inter_expert": (1, True), "sft": (0, True)}
+_IDLE_PASSES = {"recompute": (1, False), "policy": (0, True), "inter_expert": (1, True), "sft": (0, True)}
 
 
 def _idle_pass(model, tok, kind: str) -> None:
     """A micro-batch of `kind` on one token with weight 0: the same collectives as a real one
     under FSDP2, a zero gradient."""
     batch = pack([[tok.eot_id]], [[tok.eot_id]], tok.pad_id, device=model.output_weight.device)
-    without_graph, with_graph = _PASSES_OF[kind]
+    without_graph, with_graph = _IDLE_PASSES[kind]
     with torch.no_grad():
         for _ in range(without_graph):
             completion_logprobs(model, batch, vocab_limit=tok.vocab_size)

@@ -27,7 +27,7 @@ import torch
 from meml import distributed
 from meml.inference import complete
 from meml.prompts import expert_grid
-from meml.rewards import extract_answer, reward
+from meml.rewards import Verifier
 
 
 def accuracy(correct: list[bool]) -> float:
@@ -43,13 +43,15 @@ def majority_vote(answers: list[str | None]) -> str | None:
     return next(a for a in answers if a is not None and votes[a] == top)
 
 
-def judge(dataset: str, texts: list[str], example) -> tuple[list[bool], bool]:
-    """One question's expert answers -> (each expert right?, is the majority vote right?).
-
-    Votes read each answer exactly as the reward does (`extract_answer` with the question's
-    options), so a MathQA answer written as an option's value votes for that option's letter."""
-    correct = [reward(dataset, text, example) == 1.0 for text in texts]
-    answers = [extract_answer(dataset, text, example.options) for text in texts]
+def judge(verifier: Verifier, texts: list[str], example) -> tuple[list[bool], bool | None]:
+    """One question's expert answers -> (each expert right, i.e. reward 1?, is the majority vote
+    right?). Votes read each answer exactly as the reward does (`extract_answer` with the
+    question's options), so a MathQA answer written as an option's value votes for that option's
+    letter; a reward function of one's own reads no answers, so it takes no vote (None)."""
+    correct = [verifier(text, example) == 1.0 for text in texts]
+    if verifier.builtin is None:
+        return correct, None
+    answers = [verifier.answer(text, example) for text in texts]
     winner = majority_vote(answers)
     return correct, winner is not None and correct[answers.index(winner)]
 
@@ -99,6 +101,10 @@ def error_overlap(correct: list[list[bool]]) -> list[dict]:
     return rows
 
 
+def _percent(value: float | None) -> str:
+    return f"{'n/a':>10}" if value is None else f"{value:>10.1%}"
+
+
 def format_results(results: dict[str, dict]) -> str:
     """The E8 table for one or more named results of `evaluate_experts` (e.g. after MEF, after
     RIEL): greedy accuracy per expert, majority, oracle, pass@k, and the last one's error overlap."""
@@ -108,12 +114,12 @@ def format_results(results: dict[str, dict]) -> str:
              + f"{'majority':>10}{'oracle':>10}"]
     for name, r in rows:
         lines.append(f"{name:<24}" + "".join(f"{a:>10.1%}" for a in r["accuracy"])
-                     + f"{r['majority_vote']:>10.1%}{r['oracle']:>10.1%}")
+                     + _percent(r["majority_vote"]) + f"{r['oracle']:>10.1%}")
         for level, t in r.get("by_difficulty", {}).items():
             label = f"  difficulty {level} ({t['num_questions']})"
             lines.append(f"{label:<24}"
                          + "".join(f"{a:>10.1%}" for a in t["accuracy"])
-                         + f"{t['majority_vote']:>10.1%}{t['oracle']:>10.1%}")
+                         + _percent(t["majority_vote"]) + f"{t['oracle']:>10.1%}")
         for key in [k for k in r if k.startswith("pass@")]:
             lines.append(f"{'  ' + key + ' (T=1)':<24}" + "".join(f"{a:>10.1%}" for a in r[key]))
         choice = f"  without labels: most confident expert per question {r['confidence_choice']:.1%}"
@@ -129,7 +135,7 @@ def format_results(results: dict[str, dict]) -> str:
 
 
 @torch.no_grad()
-def evaluate_experts(model, tokenizer, examples, system_prompts: list[str], dataset: str, *,
+def evaluate_experts(model, tokenizer, examples, system_prompts: list[str], dataset: str, *, verifier=None,
                      max_new_tokens: int = 256, batch_size: int = 64, pass_k: int = 0,
                      seed: int = 0, difficulty=None) -> dict:
     """E8: greedy accuracy per expert prompt, majority vote, oracle, error overlap, the
@@ -143,6 +149,7 @@ def evaluate_experts(model, tokenizer, examples, system_prompts: list[str], data
     and the per-question results are gathered: the greedy figures are those of one process;
     pass@k draws its samples per rank (seed + rank), so it is not."""
     model.eval()
+    verifier = verifier or Verifier(dataset, builtin=dataset)  # the reward "right" reads: 1
     mine, _ = distributed.my_share(examples)  # this rank's questions (any number: shares may differ by one)
     conversations, rows = expert_grid(mine, system_prompts, dataset, copies=1)  # rows [Q, N, 1]
     greedy = complete(model, tokenizer, conversations, max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -152,15 +159,16 @@ def evaluate_experts(model, tokenizer, examples, system_prompts: list[str], data
     hits = None
     if pass_k:
         conversations, rows = expert_grid(mine, system_prompts, dataset, copies=pass_k)  # [Q, N, k]
-        generator = torch.Generator(device=model.output_weight.device).manual_seed(seed + 1_000_003 * distributed.rank())
+        seed_of_rank = seed + 1_000_003 * distributed.rank()
+        generator = torch.Generator(device=model.output_weight.device).manual_seed(seed_of_rank)
         sampled = complete(model, tokenizer, conversations, max_new_tokens=max_new_tokens, temperature=1.0,
                            batch_size=batch_size, generator=generator).texts
-        hits = [[sum(reward(dataset, sampled[row], ex) == 1.0 for row in rows[q, i].tolist())
+        hits = [[sum(verifier(sampled[row], ex) == 1.0 for row in rows[q, i].tolist())
                  for i in range(len(system_prompts))] for q, ex in enumerate(mine)]  # [Q][N]
     answers, confidence, hits = _gathered(answers), _gathered(confidence), _gathered(hits) if pass_k else None
     correct, votes_right = [], []
     for ex, row in zip(examples, answers):
-        ok, vote_ok = judge(dataset, row, ex)
+        ok, vote_ok = judge(verifier, row, ex)
         correct.append(ok)
         votes_right.append(vote_ok)
     result = {**_table(correct, votes_right, confidence),
@@ -172,7 +180,7 @@ def evaluate_experts(model, tokenizer, examples, system_prompts: list[str], data
             str(level): _table(*[[x for x, lv in zip(column, levels) if lv == level]
                                  for column in (correct, votes_right, confidence)], overlap=False)
             for level in sorted(set(levels))}
-    result["per_question"] = [{"id": ex.id, "correct": [int(c) for c in ok], "vote": int(v),
+    result["per_question"] = [{"id": ex.id, "correct": [int(c) for c in ok], "vote": None if v is None else int(v),
                                "confidence": [round(c, 4) for c in conf]}
                               for ex, ok, v, conf in zip(examples, correct, votes_right, confidence)]
     for k in sorted({1, pass_k}) if pass_k else []:
@@ -187,7 +195,7 @@ def _table(correct: list[list[bool]], votes_right: list[bool], confidence: list[
     num_experts = len(correct[0]) if correct else 0
     out = {"num_questions": len(correct),
            "accuracy": [accuracy([row[i] for row in correct]) for i in range(num_experts)],
-           "majority_vote": accuracy(votes_right),
+           "majority_vote": None if None in votes_right else accuracy(votes_right),
            "oracle": oracle_accuracy(correct),
            "confidence_choice": confidence_choice(correct, confidence)}
     if overlap:

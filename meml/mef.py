@@ -25,7 +25,7 @@ from meml.inference import complete
 from meml.losses import nll_loss
 from meml.policy import completion_logprobs, pack
 from meml.prompts import expert_grid, expert_prompt, response_ids
-from meml.rewards import reward
+from meml.rewards import Verifier
 from meml.sampler import stream_key
 
 
@@ -37,16 +37,17 @@ class SFTItem:
 
 
 def verified_answers(answers: list[ExpertAnswer], examples: list[Example], dataset: str,
-                     source: str = "expert data") -> tuple[list[ExpertAnswer], dict[int, int]]:
+                     source: str = "expert data", verifier=None) -> tuple[list[ExpertAnswer], dict[int, int]]:
     """The answers whose final answer the verifier accepts (decision D1), and how many were
     dropped per expert. An answer naming a question that is not in `examples` is an error."""
     by_id = {ex.id: ex for ex in examples}
+    verifier = verifier or Verifier(dataset, builtin=dataset)
     kept, dropped = [], {}
     for ans in answers:
         if ans.id not in by_id:
             raise InputError(f"{source}: answer of expert {ans.expert} names question {ans.id!r}, "
                              "which is not among the training questions")
-        if reward(dataset, ans.response, by_id[ans.id]) == 1.0:
+        if verifier(ans.response, by_id[ans.id]) == 1.0:
             kept.append(ans)
         else:
             dropped[ans.expert] = dropped.get(ans.expert, 0) + 1
@@ -85,13 +86,14 @@ def generate_expert_data(teacher, teacher_tokenizer, examples: list[Example], sy
                          expert: int, dataset: str, *, samples_per_question: int = 1,
                          max_new_tokens: int = 512, temperature: float = 0.7, batch_size: int = 16,
                          generator: torch.Generator | None = None, key: int | None = None,
-                         first: int = 0) -> list[ExpertAnswer]:
+                         first: int = 0, verifier=None) -> list[ExpertAnswer]:
     """Sample the teacher under `system_prompt`; keep the first verified-correct answer per question.
 
     Draws come from `generator`, or, given `key`, from the keys (key, question, 0, sample) with
     `first` the index of examples[0] in the whole data set: a question then gets the same sample
     whichever process and batch it is generated in (train.py shards teachers across ranks)."""
     teacher.eval()
+    verifier = verifier or Verifier(dataset, builtin=dataset)
     kept = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
@@ -102,7 +104,7 @@ def generate_expert_data(teacher, teacher_tokenizer, examples: list[Example], sy
                        temperature=temperature, batch_size=len(conversations), generator=generator, row_keys=keys)
         for q, ex in enumerate(chunk):
             for row in rows[q, 0].tolist():
-                if out.finished[row] and reward(dataset, out.texts[row], ex) == 1.0:
+                if out.finished[row] and verifier(out.texts[row], ex) == 1.0:
                     kept.append(ExpertAnswer(ex.id, expert, out.texts[row]))
                     break
     return kept

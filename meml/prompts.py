@@ -58,7 +58,10 @@ def user_message(dataset: str, example: Example) -> str:
 
 
 def expert_messages(system_prompt: str, dataset: str, example: Example) -> list[dict]:
-    """The conversation expert i is asked: its system prompt, then the question."""
+    """The conversation expert i is asked: its system prompt, then the question (a plain string
+    is the user message; a JSONL conversation is kept turn for turn)."""
+    if example.messages is not None:
+        return [{"role": "system", "content": system_prompt}, *example.messages]
     return [{"role": "system", "content": system_prompt},
             {"role": "user", "content": user_message(dataset, example)}]
 

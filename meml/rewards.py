@@ -232,3 +232,79 @@ def reward(dataset: str, completion: str, example: Example) -> float:
             raise InputError(f"example {example.id}: gold answer {example.answer!r} is not a number")
         return float(answer == gold[0])
     return float(answer == example.answer.strip().lower())
+
+
+# ---------------------------------------------------------------------------------------------
+# A task's reward, built-in or the user's own (--reward)
+
+class Verifier:
+    """The reward every stage reads (E2, E5's pairs, the buffer's "wrong", D1's check of teacher
+    answers, evaluation): completion, example -> a number in [0, 1]. "Correct" means 1.
+
+    `--reward gsm8k` (or mathqa, strategyqa, synthetic) is a built-in verifier above; `--reward
+    my_task.py:score` or `--reward my_package.rewards:score` is the user's own function
+
+        def score(completion: str, example: dict) -> float     # in [0, 1]
+
+    where `example` holds the JSONL record's fields unchanged (for a built-in data set: id,
+    question, answer, solution, options). A value that is not a number in [0, 1], or an
+    exception, stops the run with one line naming the function, the example and the value.
+    Majority votes need to know when two answers are the same: a built-in verifier's answer
+    reader (`extract_answer`) decides; the user's own function has none, so no vote is taken."""
+
+    def __init__(self, name: str, fn=None, builtin: str | None = None):
+        self.name, self.fn, self.builtin = name, fn, builtin
+
+    def __call__(self, completion: str, example: Example) -> float:
+        if self.builtin is not None:
+            return reward(self.builtin, completion, example)
+        try:
+            value = self.fn(completion, example.record())
+        except Exception as e:  # the user's function failed: name it, the example and the error
+            raise InputError(f"--reward {self.name}: example {example.id!r}: raised {type(e).__name__}: {e}") from e
+        number = None if isinstance(value, (str, bytes)) or value is None else _as_float(value)
+        if number is None or not 0.0 <= number <= 1.0:  # NaN fails both comparisons
+            raise InputError(f"--reward {self.name}: example {example.id!r}: returned {value!r}; a reward is a "
+                             "number in [0, 1]")
+        return number
+
+    def answer(self, completion: str, example: Example) -> str | None:
+        """The completion's answer for a majority vote (built-in verifiers only)."""
+        return extract_answer(self.builtin, completion, example.options) if self.builtin else None
+
+
+def _as_float(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def load_verifier(spec: str) -> Verifier:
+    """--reward SPEC: a built-in name, PATH.py:function or module:function."""
+    if spec in DATASETS:
+        return Verifier(spec, builtin=spec)
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path or not name:
+        raise InputError(f"--reward {spec}: expected one of {', '.join(DATASETS)}, PATH.py:function or "
+                         "module:function")
+    import importlib
+    import importlib.util
+    from pathlib import Path
+    try:
+        if path.endswith(".py"):
+            if not Path(path).is_file():
+                raise InputError(f"--reward {spec}: no file {path}")
+            module_spec = importlib.util.spec_from_file_location(f"meml_reward_{Path(path).stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(path)
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"--reward {spec}: loading {path} failed: {type(e).__name__}: {e}") from e
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise InputError(f"--reward {spec}: {path} has no function {name!r}")
+    return Verifier(spec, fn=fn)

@@ -17,7 +17,7 @@ or under cfg.recompute_old_logprobs a pass of the training forward before the fi
 
 Several processes (meml/distributed.py): each rank samples its share of the questions; the
 step's body makes three collective calls, each marked `# across ranks:`. In one process each is
-the identity.
+the identity. The gradients are summed over ranks by the trainer (`distributed.sum_gradients`).
 """
 import itertools
 import time
@@ -32,7 +32,6 @@ from meml.e7 import (STATISTICS, Experts, Grid, Rollouts, backward_e7, e7_batch,
                      recomputed_old_logprobs)
 from meml.inference import complete
 from meml.prompts import expert_grid, expert_prompt, response_ids
-from meml.rewards import reward
 from meml.sampler import stream_key
 
 
@@ -56,7 +55,7 @@ def sample_rollouts(model, experts: Experts, examples, cfg: RielConfig, step_key
 
 def score_rollouts(ro: Rollouts, experts: Experts, examples) -> torch.Tensor:
     """2b: the verifier's reward of every completion -> rewards [Q, N, G]."""
-    flat = torch.tensor([reward(experts.dataset, text, examples[q])
+    flat = torch.tensor([experts.reward(text, examples[q])
                          for text, q in zip(ro.texts, ro.question_of_row().tolist())])
     return flat[ro.rows]
 
@@ -76,25 +75,32 @@ def fill_buffer(buffer: HardExampleBuffer, examples, rewards: torch.Tensor,
     return popped, inserted
 
 
-def sft_target(experts: Experts, example, expert: int, buffer_target: str) -> tuple[str, bool]:
+def sft_target(experts: Experts, example, expert: int, buffer_target: str) -> tuple[str | None, bool]:
     """E6's target S for (Q, P_i), decision D11: the gold worked solution, or with
     buffer_target "expert" expert i's own verified answer, falling back to the gold solution
-    when expert i has none for this question. Returns (text, fell_back)."""
-    if buffer_target == "gold":
-        return example.solution, False
+    when expert i has none for this question. Returns (text, fell_back). A question with no gold
+    solution (a JSONL record may have none) takes expert i's answer; with neither, None."""
     answer = (experts.verified_answers or {}).get((example.id, expert))
-    return (example.solution, True) if answer is None else (answer, False)
+    if buffer_target == "gold" or answer is None:
+        if example.solution:
+            return example.solution, buffer_target != "gold"
+        return answer, False
+    return answer, False
 
-def buffer_targets(experts: Experts, items, examples_by_id, cfg: RielConfig) -> tuple[list, list, int]:
-    """(prompts, targets, how many fell back to gold (D11)) of the popped buffer items."""
-    prompts, targets, fallbacks = [], [], 0
+def buffer_targets(experts: Experts, items, examples_by_id, cfg: RielConfig) -> tuple[list, list, int, int]:
+    """(prompts, targets, how many fell back to gold (D11), how many had no target at all and
+    were skipped) of the popped buffer items."""
+    prompts, targets, fallbacks, missing = [], [], 0, 0
     for example_id, i in items:
         example = examples_by_id[example_id]
         text, fell_back = sft_target(experts, example, i, cfg.buffer_target)
+        if text is None:
+            missing += 1
+            continue
         prompts.append(expert_prompt(experts.tokenizer, experts.system_prompts[i], experts.dataset, example))
         targets.append(response_ids(experts.tokenizer, text))
         fallbacks += fell_back
-    return prompts, targets, fallbacks
+    return prompts, targets, fallbacks, missing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,14 +127,15 @@ def rollout_metrics(grid: Grid, advantages: torch.Tensor) -> dict:
         out[f"rewards/expert_{i}/all_wrong"] = stats["all_wrong"][i].item()
     return out
 
-def buffer_metrics(buffer: HardExampleBuffer | None, inserted: int, sft_items: list, fallbacks: int) -> dict:
+def buffer_metrics(buffer: HardExampleBuffer | None, inserted: int, sft_items: list, fallbacks: int,
+                   missing: int) -> dict:
     """The hard-example buffer's figures after this step's insertions and pops (E6)."""
     if buffer is None:
         return {"buffer/fill": 0, "buffer/insertions": 0, "buffer/sft_triggers": 0, "buffer/sft_items": 0,
                 "buffer/gold_fallbacks": 0}
     return {"buffer/fill": len(buffer), "buffer/capacity": buffer.capacity, "buffer/insertions": inserted,
             "buffer/sft_triggers": len(sft_items) // buffer.capacity, "buffer/sft_items": len(sft_items),
-            "buffer/gold_fallbacks": fallbacks}
+            "buffer/gold_fallbacks": fallbacks, **({"buffer/no_target": missing} if missing else {})}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,19 +158,21 @@ def riel_step(model, experts: Experts, examples, cfg: RielConfig, step_key: int,
     ro = sample_rollouts(model, experts, questions, cfg, step_key, first_question=mine.start)      # 2a
     t1 = time.time()
     my_grid = Grid.of(ro, score_rollouts(ro, experts, questions), cfg)                             # 2b
-    grid = Grid(*distributed.all_gather_tensor(my_grid.stacked()).unbind(-1))  # across ranks: the whole step's
+    # across ranks: the whole step's grid, every rank's questions in order
+    grid = Grid(*distributed.all_gather_tensor(my_grid.stacked()).unbind(-1))
     advantages = group_advantages(grid.reward + grid.penalty, scale=cfg.advantage_scale, eps=cfg.advantage_eps,
                                   positive_only=cfg.positive_only)                       # 2c, E2 [Q, N, G]
-    sft_items, inserted = fill_buffer(buffer, examples, grid.reward) if buffer is not None else ([], 0)  # 2d
-    sft_prompts, sft_targets, fallbacks = buffer_targets(experts, sft_items, examples_by_id, cfg)
+    sft_items, inserted = (fill_buffer(buffer, examples, grid.reward, cfg.buffer_wrong_below)             # 2d
+                           if buffer is not None else ([], 0))
+    sft_prompts, sft_targets, fallbacks, missing = buffer_targets(experts, sft_items, examples_by_id, cfg)
     t2 = time.time()
     model.train()
     b = e7_batch(ro, grid, advantages, mine, (sft_prompts, sft_targets), cfg)                    # 2e
-    # across ranks (a sharded model only): as many passes of each kind as the busiest rank makes
+    # across ranks: as many passes of each kind as the busiest rank makes (a sharded model only)
     batches = distributed.equal_passes(model, micro_batches(b, cfg))
-    if cfg.recompute_old_logprobs:
+    if cfg.recompute_old_logprobs and (cfg.loss != "paper" or cfg.tis_cap is not None):  # E3 reads no π_old
         b.old_logprobs = recomputed_old_logprobs(model, experts, ro, batches["policy"], cfg)        # D21
-    metrics = {**rollout_metrics(grid, advantages), **buffer_metrics(buffer, inserted, sft_items, fallbacks),
+    metrics = {**rollout_metrics(grid, advantages), **buffer_metrics(buffer, inserted, sft_items, fallbacks, missing),
                **({"rewards/overlong_penalty": grid.penalty.mean().item()} if cfg.overlong_penalty else {}),
                "time/generation": t1 - t0, "time/scoring": t2 - t1,
                "tokens_per_second": int(grid.length.sum()) / max(t1 - t0, 1e-9),

@@ -128,7 +128,16 @@ def int64_bits(value: int) -> int:
 def keyed_uniforms(keys: torch.Tensor, counter: int) -> torch.Tensor:
     """U(0, 1] float64 [B], row b's from (keys[b], counter) alone: splitmix64 of
     keys[b] + counter·γ, in int64 arithmetic (which wraps modulo 2^64; a right shift is made
-    logical with a mask). Row b's numbers are the same in any batch, at any position."""
+    logical with a mask). Row b's numbers are the same in any batch, at any position.
+
+    Decision D22 keys every rollout this way. The same numbers give the same token only while
+    the probabilities they are compared with are the same bits, i.e. while a row's products do
+    not depend on how many rows share the matmul. With MKL on both CPUs measured that holds from
+    16 rows per process in an fp32 decode step (whose products run weight-first,
+    `meml.model.decode_linear`) and from 4 rows in other forwards (`bench/bench_decode_layout.py`
+    prints which row counts keep their bits; reference_runs/LOG.md, 2026-12-03 and 2026-12-06):
+    a process with fewer rows can flip a sample where two tokens' cumulative probabilities meet
+    in the last bit. Cost: ~47 µs per decode step for 192 rows (`bench/bench_rollout_keys.py`)."""
     z = keys + int64_bits((counter + 1) * _GAMMA)
     z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * int64_bits(_MIX1)
     z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * int64_bits(_MIX2)

@@ -256,7 +256,7 @@ def solve_ledger(p: Problem) -> str:
 
 TEACHERS = (solve_steps, solve_compact, solve_ledger)
 
-# The system prompt P_i each expert is conditioned on (README.md, "The method in eight equations"), in teacher order.
+# The system prompt P_i each expert is conditioned on (README.md, "The method, equation by equation"), in teacher order.
 EXPERT_PROMPTS = (
     "Solve step by step. End with ####.",
     "Write one expression. End with The answer is.",

@@ -24,6 +24,7 @@ from meml.inference import load
 from meml.mef import generate_expert_data, verified_answers
 from meml.model import ModelConfig, Transformer
 from meml.prompts import EXPERT_SYSTEM_PROMPTS, expert_prompt, read_system_prompts, response_ids
+from meml.rewards import Verifier, load_verifier
 from meml.sampler import stream_key
 from meml.tokenizer import Tokenizer
 
@@ -46,6 +47,7 @@ class Task:
     train_source: str               # the file of the training questions ("synthetic" for the world)
     longest_prompt: int = 0         # tokens of the longest expert prompt (the memory plan's)
     longest_answer: int = 0         # tokens of the longest MEF answer
+    verifier: Verifier | None = None  # the reward (--reward; default: the data set's built-in verifier)
 
 
 def split_questions(examples: list[Example], path: Path, eval_size: int) -> tuple[list, list]:
@@ -107,6 +109,7 @@ def build_task(args, cfg: TrainConfig, run_dir: Path, device, precision: Precisi
         evals, eval_source = pool[:cfg.eval_size], "synthetic"
         devs = pool[cfg.eval_size:cfg.eval_size + cfg.dev_size]
         prompts, dataset = list(synthetic.EXPERT_PROMPTS), "synthetic"
+        verifier = reward_of(args, dataset)
         torch.manual_seed(cfg.seed)
         with torch.device("meta" if shapes_only else "cpu"):
             model = Transformer(ModelConfig.from_json(model_dir / "config.json"))
@@ -119,6 +122,7 @@ def build_task(args, cfg: TrainConfig, run_dir: Path, device, precision: Precisi
         if args.dataset is None or args.data is None:
             raise InputError("--model needs --dataset and --data")
         model_dir, dataset = args.model, args.dataset
+        verifier = reward_of(args, dataset)  # before anything loads: a JSONL task must name its reward
         if shapes_only:
             with torch.device("meta"):
                 model = Transformer(ModelConfig.from_json(Path(model_dir) / "config.json"))
@@ -142,7 +146,8 @@ def build_task(args, cfg: TrainConfig, run_dir: Path, device, precision: Precisi
         answers = expert_file_answers(args, examples, len(prompts))
         given_for_0 = {a.id for a in answers if a.expert == 0}
         # Expert0: the gold solutions, where the expert files give none
-        answers = [ExpertAnswer(ex.id, 0, ex.solution) for ex in train if ex.id not in given_for_0] + answers
+        answers = [ExpertAnswer(ex.id, 0, ex.solution) for ex in train
+                   if ex.id not in given_for_0 and ex.solution] + answers  # a JSONL record may have none
     if args.train_size is not None:
         train = train[:args.train_size]
         if not train:
@@ -151,7 +156,7 @@ def build_task(args, cfg: TrainConfig, run_dir: Path, device, precision: Precisi
     answers = [a for a in answers if a.id in in_train]  # answers to held-out questions never train
     if not shapes_only:
         answers += teacher_answers(args, cfg, run_dir, train, prompts, dataset, device, precision.compute)
-    answers, dropped = verified_answers(answers, train, dataset)
+    answers, dropped = verified_answers(answers, train, dataset, verifier=verifier)
     experts = [cfg.expert] if cfg.single_expert else list(range(len(prompts)))
     if max(experts) >= len(prompts):
         raise InputError(f"--expert {cfg.expert}: there are only {len(prompts)} expert prompts")
@@ -161,8 +166,20 @@ def build_task(args, cfg: TrainConfig, run_dir: Path, device, precision: Precisi
                          "or --lambda1 0")
     task = Task(model_dir, model, tokenizer, dataset, train, evals, devs, str(eval_source), answers, dropped,
                 [prompts[i] for i in experts], experts, "synthetic" if args.model is None else str(args.data))
+    task.verifier = verifier
     task.longest_prompt, task.longest_answer = check_lengths(task, cfg, model.config.max_position_embeddings)
     return task
+
+
+def reward_of(args, dataset: str) -> Verifier:
+    """--reward, or the data set's built-in verifier; a JSONL task of one's own needs --reward."""
+    spec = getattr(args, "reward", None)
+    if spec is None:
+        if dataset == "jsonl":
+            raise InputError("--dataset jsonl needs --reward: PATH.py:function, module:function or a built-in "
+                             "verifier (gsm8k, mathqa, strategyqa)")
+        return Verifier(dataset, builtin=dataset)
+    return load_verifier(spec)
 
 
 def expert_file_answers(args, examples: list[Example], num_prompts: int) -> list[ExpertAnswer]:
@@ -254,7 +271,7 @@ def teacher_answers(args, cfg, run_dir, train, prompts, dataset, device, dtype) 
             first, end = r * len(train) // w, (r + 1) * len(train) // w
             mine = generate_expert_data(teacher, teacher_tokenizer, train[first:end], prompts[n], n, dataset,
                                         max_new_tokens=cfg.riel.max_new_tokens, key=stream_key(cfg.seed, n),
-                                        first=first)
+                                        first=first, verifier=reward_of(args, dataset))
             del teacher
             generated = [a for part in distributed.all_gather_objects(mine) for a in part]
             if distributed.is_main():
@@ -270,7 +287,8 @@ def write_run_info(run_dir: Path, task: Task, cfg: TrainConfig) -> None:
     Written by rank 0."""
     if not distributed.is_main():
         return
-    info = {"dataset": task.dataset, "seed": cfg.seed, "system_prompts": task.system_prompts,
+    info = {"dataset": task.dataset, "reward": task.verifier.name if task.verifier else task.dataset,
+            "seed": cfg.seed, "system_prompts": task.system_prompts,
             "eval_source": task.eval_source, "eval_ids": [ex.id for ex in task.evals],
             "dev_ids": [ex.id for ex in task.devs], "eval_max_new_tokens": cfg.eval_max_new_tokens,
             "train_source": task.train_source, "train_questions": [question_key(ex) for ex in task.train],

@@ -25,7 +25,7 @@ from meml.errors import count_at_least
 from meml.e7 import Experts, Grid, backward_e7, e7, e7_batch, micro_batches
 from meml.inference import load
 from meml.kl import select_expert_pairs
-from meml.losses import E7_PARTS, e7_weights, total_loss
+from meml.losses import E7_PARTS, e7_weights
 from meml.riel import buffer_targets, fill_buffer, sample_rollouts, score_rollouts
 from meml.sampler import stream_key
 
@@ -85,7 +85,7 @@ def walk(model, experts: Experts, examples, cfg: RielConfig, step_key: int, buff
              f"{len(sft_items)} items popped for SFT this step")
     out.update(inserted=inserted, sft_items=len(sft_items))
 
-    prompts, targets, _ = buffer_targets(experts, sft_items, examples_by_id, cfg)
+    prompts, targets, _, _ = buffer_targets(experts, sft_items, examples_by_id, cfg)
     model.train()
     b = e7_batch(ro, grid, advantages, slice(None), (prompts, targets), cfg)
     e_plus, e_minus, active = select_expert_pairs(rewards)
@@ -98,9 +98,8 @@ def walk(model, experts: Experts, examples, cfg: RielConfig, step_key: int, buff
                  + (f"active: O+ = rollouts {o_plus} of E+, scored under P+ and P−" if active[q] else "inactive"))
     out["active_questions"] = b.d.inter_expert
 
-    weights, parts = e7_weights(cfg), e7(model, experts, b, cfg)
+    weights, (total, parts) = e7_weights(cfg), e7(model, experts, b, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    total = total_loss(parts, weights)
     grads = {name: torch.autograd.grad(weights[name] * value, params, retain_graph=True, allow_unused=True)
              for name, value in parts.items() if weights[name] != 0}
     flat = {name: torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, params)])

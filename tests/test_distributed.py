@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "tests"))
-from test_riel import BY_ID, EXAMPLES, G, make_rollouts, tiny_model  # noqa: E402
+from test_riel import EXAMPLES, G, make_rollouts, tiny_model  # noqa: E402
 
 TIMEOUT_S = 120
 
@@ -95,7 +95,7 @@ def _e7_step(model, world, ref, rewards, items, aggregation, beta=0.1, variants=
         keep = ro.rows[first_question:first_question + len(questions)].flatten().tolist()
         return riel.Rollouts(torch.arange(len(keep)).view(len(questions), 3, G), [ro.prompts[r] for r in keep],
                              [ro.completions[r] for r in keep],
-                             [ro.old_logprobs[r] - (0.1 * (r % 3) if variants else 0.0) for r in keep],
+                             [ro.sampler_logprobs[r] - (0.1 * (r % 3) if variants else 0.0) for r in keep],
                              [r % 4 != 1 or not variants for r in keep], [""] * len(keep), [torch.zeros(1)] * len(keep))
 
     def score(rollouts, experts, questions):
@@ -103,7 +103,8 @@ def _e7_step(model, world, ref, rewards, items, aggregation, beta=0.1, variants=
         return rewards[first:first + len(questions)]
 
     saved = riel.sample_rollouts, riel.score_rollouts, riel.fill_buffer
-    riel.sample_rollouts, riel.score_rollouts, riel.fill_buffer = sample, score, lambda buffer, examples, r: (items, 0)
+    fill = lambda buffer, examples, r, below: (items, 0)  # noqa: E731
+    riel.sample_rollouts, riel.score_rollouts, riel.fill_buffer = sample, score, fill
     try:
         cfg = RielConfig(group_size=G, aggregation=aggregation, beta=beta, lambda1=0.5, lambda2=2.0, micro_batch_size=4,
                          max_new_tokens=14, loss="clipped", **(VARIANTS if variants else {}))

@@ -3,6 +3,7 @@ from math import comb
 
 import pytest
 
+from meml.rewards import Verifier
 from meml.evaluation import (accuracy, best_expert, confidence_choice, error_overlap, majority_vote, oracle_accuracy,
                              pass_at_k)
 
@@ -13,6 +14,8 @@ CORRECT = [
     [True, True, True],     # all right
     [False, True, False],   # only expert 1 right
 ]
+
+MATHQA = Verifier("mathqa", builtin="mathqa")
 
 
 def test_oracle_counts_questions_any_expert_gets_right():
@@ -63,13 +66,13 @@ def test_majority_vote_reads_mathqa_answers_as_the_reward_does():
     from meml.data import Example
     from meml.evaluation import judge
     ex = Example("m", "q", "c", "s", {"a": "4", "b": "14", "c": "12", "d": "2", "e": "16"})
-    correct, vote_right = judge("mathqa", ["The answer is 12", "The answer is c", "The answer is b"], ex)
+    correct, vote_right = judge(MATHQA, ["The answer is 12", "The answer is c", "The answer is b"], ex)
     assert correct == [True, True, False] and vote_right
-    correct, vote_right = judge("mathqa", ["The answer is 12", "The answer is b", "The answer is c"], ex)
+    correct, vote_right = judge(MATHQA, ["The answer is 12", "The answer is b", "The answer is c"], ex)
     assert correct == [True, False, True] and vote_right  # c (value + letter) beats b
-    correct, vote_right = judge("mathqa", ["The answer is 12", "The answer is b", "The answer is (b)"], ex)
+    correct, vote_right = judge(MATHQA, ["The answer is 12", "The answer is b", "The answer is (b)"], ex)
     assert correct == [True, False, False] and not vote_right
-    correct, vote_right = judge("mathqa", ["The answer is 12", "The answer is 12.", "#### b"], ex)
+    correct, vote_right = judge(MATHQA, ["The answer is 12", "The answer is 12.", "#### b"], ex)
     assert correct == [True, True, False] and vote_right
 
 

@@ -189,9 +189,9 @@ def test_the_step_computes_each_variant_of_e7_on_the_whole_batch(world, variant)
     V = w.tokenizer.vocab_size
     noise = torch.Generator().manual_seed(7)
     with torch.no_grad():  # the sampler's log-probs, π_old = the sampler's shifted (as a bf16 gap would)
-        ro.old_logprobs = [seq_logprob(model, p, c, V) + 0.6 * (torch.rand(len(c), generator=noise) - 0.5)
+        ro.sampler_logprobs = [seq_logprob(model, p, c, V) + 0.6 * (torch.rand(len(c), generator=noise) - 0.5)
                            for p, c in zip(ro.prompts, ro.completions)]
-        recomputed = [lp + 0.6 * (torch.rand(len(lp), generator=noise) - 0.5) for lp in ro.old_logprobs]
+        recomputed = [lp + 0.6 * (torch.rand(len(lp), generator=noise) - 0.5) for lp in ro.sampler_logprobs]
     ro.finished = [r % 4 != 1 for r in range(len(ro.prompts))]  # every fourth row was cut at the limit
     advantages = group_advantages(TWO_ACTIVE, scale="group_std")
     settings = {"gspo": dict(loss="clipped", importance_sampling_level="sequence", clip_eps=0.02),
@@ -209,7 +209,7 @@ def test_the_step_computes_each_variant_of_e7_on_the_whole_batch(world, variant)
     with torch.no_grad():
         ref_logp, _ = padded([seq_logprob(ref_model, p, c, V) for p, c in zip(ro.prompts, ro.completions)])
     old, _ = padded(recomputed)
-    sampler, _ = padded(ro.old_logprobs)
+    sampler, _ = padded(ro.sampler_logprobs)
     # D25: a cut completion is no row of E3 / E4 at all, nor of their denominators (TRL zeroes its
     # completion mask; its token-level losses then agree, its "grpo" loss still counts the row)
     keep = torch.tensor(ro.finished) if variant == "mask-truncated" else torch.ones(len(ro.prompts), dtype=torch.bool)
@@ -238,7 +238,8 @@ def test_the_overlong_penalty_reaches_e2_only(world, monkeypatch):
     monkeypatch.setattr(riel, "sample_rollouts", lambda *a, **k: ro)
     monkeypatch.setattr(riel, "score_rollouts", lambda *a, **k: TWO_ACTIVE.clone())
     real_fill = riel.fill_buffer
-    monkeypatch.setattr(riel, "fill_buffer", lambda buffer, ex, r: (seen.update(buffer_rewards=r), real_fill(buffer, ex, r))[1])
+    monkeypatch.setattr(riel, "fill_buffer",
+                        lambda buffer, ex, r, below: (seen.update(buffer_rewards=r), real_fill(buffer, ex, r, below))[1])
 
     def fake_batch(ro, grid, advantages, mine, sft, cfg):  # what E7 would be computed from
         seen.update(rewards=grid.reward[mine], advantages=advantages[mine])

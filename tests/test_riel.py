@@ -64,7 +64,7 @@ def make_rollouts(world, examples=EXAMPLES):
 def step_batch(w, ro, rewards, advantages, sft_items, cfg):
     """The step's E7Batch for these rollouts (one process: every question is this rank's)."""
     grid = Grid.of(ro, rewards, cfg)
-    prompts, targets, _ = buffer_targets(w, sft_items, BY_ID, cfg)
+    prompts, targets, _, _ = buffer_targets(w, sft_items, BY_ID, cfg)
     return e7_batch(ro, grid, advantages, slice(None), (prompts, targets), cfg)
 
 
@@ -131,7 +131,7 @@ def test_the_accumulated_gradient_is_the_gradient_of_e7_written_out_on_the_whole
     V = w.tokenizer.vocab_size
     noise = torch.Generator().manual_seed(3)
     with torch.no_grad():  # π_old: the current policy, shifted by up to ±0.4 per token
-        ro.old_logprobs = [seq_logprob(model, p, c, V, 0.8) + 0.8 * (torch.rand(len(c), generator=noise) - 0.5)
+        ro.sampler_logprobs = [seq_logprob(model, p, c, V, 0.8) + 0.8 * (torch.rand(len(c), generator=noise) - 0.5)
                            for p, c in zip(ro.prompts, ro.completions)]
     advantages = group_advantages(TWO_ACTIVE, scale="group_std")
     sft_items = [("q0", 2), ("q1", 0), ("q1", 1), ("q0", 0)]  # two micro-batches of 3 and 1
@@ -143,10 +143,12 @@ def test_the_accumulated_gradient_is_the_gradient_of_e7_written_out_on_the_whole
     assert out["inter_expert/active_questions"] == 2 and 0 < out["clip_ratio"] < 1
     assert [len(m) for m in micro_batches(batch, cfg).values()] == [6, 2, 2]  # several of each kind
 
-    # E7 in one expression in the package (meml.riel.e7), one backward: the same gradient
+    # E7 in one call in the package (meml.e7.e7), one backward: the same gradient
     model.zero_grad()
-    parts = e7(model, w, batch, cfg, ref_model)
-    total_loss(parts, e7_weights(cfg)).backward()
+    e7_value, parts = e7(model, w, batch, cfg, ref_model)
+    assert parts.keys() == E7_PARTS.keys()  # every part computed is in the one table, and the other way
+    assert e7_value.item() == pytest.approx(total_loss(parts, e7_weights(cfg)).item())
+    e7_value.backward()
     assert_same_grads(got, grads(model))
     for name, part in E7_PARTS.items():
         assert out[part.metric] == pytest.approx(parts[name].item(), rel=1e-5, abs=1e-7), name
@@ -155,7 +157,7 @@ def test_the_accumulated_gradient_is_the_gradient_of_e7_written_out_on_the_whole
     logp, mask = padded([seq_logprob(model, p, c, V, 0.8) for p, c in zip(ro.prompts, ro.completions)])
     with torch.no_grad():
         ref_logp, _ = padded([seq_logprob(ref_model, p, c, V, 0.8) for p, c in zip(ro.prompts, ro.completions)])
-    old, _ = padded(ro.old_logprobs)
+    old, _ = padded(ro.sampler_logprobs)
     # E5's O+ by hand: q0 -> expert 0's rollouts 0, 1 against expert 2; q1 -> expert 1's 0, 2 against expert 0.
     o_plus = [(0, 0, 0, 2), (0, 0, 1, 2), (1, 1, 0, 0), (1, 1, 2, 0)]  # (q, E+, g, E-)
     plus = torch.stack([seq_logprob(model, ro.prompts[ro.rows[q, e, g]], ro.completions[ro.rows[q, e, g]], V, 0.8).sum()
@@ -267,12 +269,12 @@ def test_buffer_targets_are_verified_expert_answers_with_the_gold_solution_when_
     answered = Experts(tok, w.system_prompts, "synthetic", {("q0", 1): "4 + 3 = 7 #### 7"})
     items = [("q0", 1), ("q1", 1), ("q1", 2)]
     cfg = RielConfig(group_size=G, buffer_target="expert")
-    prompts, targets, fallbacks = buffer_targets(answered, items, BY_ID, cfg)
+    prompts, targets, fallbacks, _ = buffer_targets(answered, items, BY_ID, cfg)
     assert targets == [response_ids(tok, "4 + 3 = 7 #### 7"), response_ids(tok, BY_ID["q1"].solution),
                                  response_ids(tok, BY_ID["q1"].solution)]
     assert prompts[1] == expert_prompt(tok, w.system_prompts[1], "synthetic", BY_ID["q1"])
     assert fallbacks == 2
-    _, gold, fallbacks = buffer_targets(answered, items, BY_ID, RielConfig(group_size=G))
+    _, gold, fallbacks, _ = buffer_targets(answered, items, BY_ID, RielConfig(group_size=G))
     assert gold[0] == response_ids(tok, BY_ID["q0"].solution) and fallbacks == 0
 
 
@@ -307,19 +309,20 @@ def test_first_update_with_recomputed_old_logprobs_has_e3s_gradient(world):
     model, w, _ = world
     ro = make_rollouts(w)
     with torch.no_grad():  # a sampler that reports every log-prob 3 nats too low
-        ro.old_logprobs = [seq_logprob(model, p, c, w.tokenizer.vocab_size) - 3.0
+        ro.sampler_logprobs = [seq_logprob(model, p, c, w.tokenizer.vocab_size) - 3.0
                            for p, c in zip(ro.prompts, ro.completions)]
     advantages = group_advantages(TWO_ACTIVE, scale="group_std")
     base = dict(group_size=G, lambda1=0.0, micro_batch_size=4, max_new_tokens=14)
     model.zero_grad()
-    out, b = step_e7(model, w, ro, TWO_ACTIVE, advantages, [], RielConfig(**base, loss="clipped", recompute_old_logprobs=True))
+    out, b = step_e7(model, w, ro, TWO_ACTIVE, advantages, [],
+                     RielConfig(**base, loss="clipped", recompute_old_logprobs=True))
     clipped = grads(model)
     assert out["clip_ratio"] == 0.0 and out["logprobs/sampler_trainer_gap"] == pytest.approx(3.0, abs=1e-4)
     model.zero_grad()
     step_e7(model, w, ro, TWO_ACTIVE, advantages, [], RielConfig(**base, loss="paper"))
     assert_same_grads(clipped, grads(model))
     # π_old is one list of per-row log-probs: recomputed on the rows E3 scores, the sampler's elsewhere
-    recomputed = [r for r in range(len(ro.prompts)) if not torch.equal(b.old_logprobs[r], ro.old_logprobs[r])]
+    recomputed = [r for r in range(len(ro.prompts)) if not torch.equal(b.old_logprobs[r], ro.sampler_logprobs[r])]
     assert recomputed == b.policy_rows == [r for r in range(len(ro.prompts)) if ro.per_row(advantages)[r] != 0]
 
 
@@ -425,3 +428,20 @@ def test_the_steps_metrics_and_total_read_every_part_of_e7(world):
     assert all(out[part.metric] != 0.0 for part in E7_PARTS.values())  # all four parts active
     assert out["loss/total"] == pytest.approx(sum(weights[n] * out[p.metric] for n, p in E7_PARTS.items()), rel=1e-6)
     assert weights == {"policy": 1.0, "inter_expert_kl": 0.5, "sft": 2.0, "reference_kl": 0.3}
+
+
+def test_a_part_whose_weight_is_0_is_not_scored(world):
+    """--lambda2 0 with the buffer on: the buffer still fills and pops, but E6 weighs nothing, so
+    its items are not scored (a micro-batch whose every part weighs 0 has no graph to backward:
+    it stopped the run). The gradient is the one without buffer items."""
+    model, w, _ = world
+    ro = make_rollouts(w)
+    advantages = group_advantages(TWO_ACTIVE, scale="group_std")
+    cfg = RielConfig(group_size=G, lambda1=0.5, lambda2=0.0, micro_batch_size=4)
+    model.zero_grad()
+    out, _ = step_e7(model, w, ro, TWO_ACTIVE, advantages, [("q0", 1), ("q1", 2)], cfg)
+    with_items = grads(model)
+    model.zero_grad()
+    step_e7(model, w, ro, TWO_ACTIVE, advantages, [], cfg)
+    assert out["loss/sft"] == 0.0
+    assert_same_grads(with_items, grads(model))
