@@ -170,7 +170,7 @@ def riel_step(model, experts: Experts, examples, cfg: RielConfig, step_key: int,
     b = e7_batch(ro, grid, advantages, mine, (sft_prompts, sft_targets), cfg)                    # 2e
     # across ranks: as many passes of each kind as the busiest rank makes (a sharded model only)
     batches = distributed.equal_passes(model, micro_batches(b, cfg))
-    if cfg.recompute_old_logprobs and (cfg.loss != "paper" or cfg.tis_cap is not None):  # E3 reads no π_old
+    if cfg.recompute_old_logprobs and (cfg.loss != "paper" or cfg.tis_cap is not None):  # who reads π_old
         b.old_logprobs = recomputed_old_logprobs(model, experts, ro, batches["policy"], cfg)        # D21
     metrics = {**rollout_metrics(grid, advantages), **buffer_metrics(buffer, inserted, sft_items, fallbacks, missing),
                **({"rewards/overlong_penalty": grid.penalty.mean().item()} if cfg.overlong_penalty else {}),

@@ -74,7 +74,7 @@ def walk(model, experts: Experts, examples, cfg: RielConfig, step_key: int, buff
     out["advantages"] = advantages
 
     watched = _WatchedBuffer(buffer)
-    sft_items, inserted = fill_buffer(watched, examples, grid.reward)
+    sft_items, inserted = fill_buffer(watched, examples, grid.reward, cfg.buffer_wrong_below)
     print_fn(f"\nE6  the buffer's offers: a group enters with probability K/G = {buffer.k}/{G} when more than "
              f"K = {buffer.k} of its G are wrong, reward below 1 (riel.fill_buffer)")
     for (example_id, i), wrong, taken in watched.offers:
