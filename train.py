@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from meml import data, distributed, memory, plots, report_to, run_folder, synthetic
+from meml import data, distributed, lora, memory, plots, report_to, run_folder, synthetic
 from meml.buffer import HardExampleBuffer
 from meml.checkpoint import TRAINER_STATE, latest_checkpoint, loadable_checkpoint
 from meml.config import PRESETS, TrainConfig, add_option_flags, flag_name, make_config, overrides_from
@@ -276,7 +276,9 @@ def run_riel(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, ch
                   extra_state={"buffer": buffer} if buffer is not None else {}, hidden_losses=tuple(hidden),
                   compute_dtype=precision.compute, save_dtype=precision.save)
     ref_model = None
-    if r.beta > 0:  # E4's reference: the policy as RIEL starts, kept on disk for resume
+    if r.beta > 0 and cfg.lora_rank:  # E4's reference: the same model with its adapters off
+        ref_model = lora.WithoutAdapters(task.model)
+    elif r.beta > 0:  # E4's reference: the policy as RIEL starts, kept on disk for resume
         ref_dir = run_dir / "reference"
         if checkpoint is None or state["stage"] != "riel":
             weights = distributed.full_state_dict(task.model)  # every rank: gathers a sharded model
@@ -376,6 +378,8 @@ def run(argv=None) -> int:
         planned = torch.device(distributed.device_name(args.device))
         return print_plan(args, cfg, precision_of(args, planned, bf16_supported=True), planned)
     precision = precision_of(args, distributed.checked_device(args.device))
+    if cfg.lora_rank:  # only the adapters (fp32) train: the frozen weights can stay in the compute dtype
+        precision = replace(precision, weights=precision.compute)
     device = distributed.init(args.device)  # under torchrun: join the others; rank 0 alone prints and writes
     run_dir = args.resume if args.resume else args.output
     if not args.resume and args.dtype == "auto":  # what auto chose is the run's: a resume keeps it
@@ -420,9 +424,14 @@ def run_in(run_dir: Path, args, cfg: TrainConfig, precision: Precision, device, 
     write_run_info(run_dir, task, cfg)
     if checkpoint is None and args.init_from is not None:
         init_weights(task, args.init_from, device, precision)
+    if cfg.lora_rank:  # only the adapters train (meml/lora.py); checkpoints hold them and the merged model
+        lora.add_lora(task.model, cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank, cfg.lora_targets.split(","))
+        task.model.lora_settings["base"] = str(args.model or "the built-in synthetic world")
     if cfg.fsdp:  # FSDP2: from here on each rank holds a shard of every weight
         distributed.shard_model(task.model, precision.compute)
-    if checkpoint is not None:  # the fp32 masters when the HF files hold less precision
+    if checkpoint is not None and cfg.lora_rank:  # the frozen weights are --model's; the adapters come back
+        lora.load_adapters(task.model, state.pop("adapters"))
+    elif checkpoint is not None:  # the fp32 masters when the HF files hold less precision
         weights = state.pop("master_weights", None) or \
             Transformer.from_pretrained(checkpoint, dtype=precision.weights, device="cpu").state_dict()
         distributed.load_full_state_dict(task.model, weights)  # a sharded model takes its slices only

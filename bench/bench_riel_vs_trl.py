@@ -74,7 +74,8 @@ def peak_memory_gb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20
 
 
-def run_meml(folder: Path, steps: int) -> list[float]:
+def run_meml(folder: Path, steps: int, lora_rank: int = 0) -> list[float]:
+    """meml's steps; lora_rank > 0: LoRA on every projection (α = 2r), E4 against the adapters off."""
     import torch
 
     from meml.advantage import group_advantages
@@ -86,8 +87,14 @@ def run_meml(folder: Path, steps: int) -> list[float]:
 
     model, tok = load(folder)
     tok.vocab_size = model.config.vocab_size  # sample and score over the whole vocabulary, as TRL does
-    ref = Transformer.from_pretrained(folder).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)  # meml's trainer's and TRL's default
+    if lora_rank:
+        from meml import lora
+        lora.add_lora(model, lora_rank, 2.0 * lora_rank)
+        ref = lora.WithoutAdapters(model)
+    else:
+        ref = Transformer.from_pretrained(folder).eval().requires_grad_(False)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=LR, fused=True)  # meml's trainer's and TRL's default
     cfg = RielConfig(group_size=G, max_new_tokens=NEW_TOKENS, loss="clipped", advantage_scale="group_std",
                      positive_only=False, aggregation="token_mean", beta=BETA, kl_estimator="k3", lambda1=0.0,
                      hard_example_buffer=False, micro_batch_size=len(PROMPTS) * G)
@@ -109,7 +116,7 @@ def run_meml(folder: Path, steps: int) -> list[float]:
         model.train()
         b = e7_batch(ro, Grid.of(ro, rewards, cfg), advantages, slice(None), ([], []), cfg)
         backward_e7(model, experts, b, micro_batches(b, cfg), cfg, ref)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from meml import distributed
+from meml import distributed, lora
 from meml.errors import InputError
 from meml.hf_checkpoint import checkpoint_files
 
@@ -62,7 +62,9 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer_dir: Path, traine
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        model.save_pretrained(tmp, dtype=dtype, state=weights)
+        model.save_pretrained(tmp, dtype=dtype, state=weights)  # with LoRA: the merged model
+        if lora.adapters(model):  # and the adapters in the layout peft reads
+            lora.save_adapters(model, tmp, **model.lora_settings)
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).exists():
                 shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)

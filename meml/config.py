@@ -36,6 +36,7 @@ from meml.advantage import SCALES
 from meml.buffer import TARGETS
 from meml.errors import InputError
 from meml.kl import ESTIMATORS, INTER_EXPERT_VARIANTS
+from meml.lora import TARGETS as LORA_TARGETS
 from meml.losses import AGGREGATIONS, IMPORTANCE_LEVELS, POLICY_LOSSES
 
 SCHEDULES = ("constant", "cosine")
@@ -176,6 +177,11 @@ class TrainConfig:
     fsdp: bool = option(False, "under torchrun: shard weights, gradients and AdamW states across the processes "
                         "with FSDP2 (torch.distributed.fsdp.fully_shard) instead of replicating the model; "
                         "the update is the replicated one's")
+    # LoRA, both stages (meml/lora.py)
+    lora_rank: int = option(0, "r: train low-rank adapters of this rank on the target projections, every "
+                            "weight frozen (0: full fine-tuning)", at_least=0, section="LoRA (meml/lora.py)")
+    lora_alpha: float | None = option(None, "α: the adapters' output is scaled by α / r (default: α = 2r)", above=0)
+    lora_targets: str = option(",".join(LORA_TARGETS), "the projections that get adapters, comma-separated")
 
 
 _GRPO = {"riel.loss": "clipped", "riel.advantage_scale": "group_std", "riel.positive_only": False,
@@ -296,6 +302,16 @@ def validate(cfg: TrainConfig) -> None:
             raise InputError(f"{flag} {value}: must be greater than {m['above']}")
         if m["at_most"] is not None and value > m["at_most"]:
             raise InputError(f"{flag} {value}: must be at most {m['at_most']}")
+    if cfg.lora_rank and cfg.fsdp:
+        raise InputError("--lora-rank with --fsdp: the adapters are small, so LoRA runs replicated (leave out "
+                         "--fsdp; the frozen weights can stay bfloat16)")
+    if not cfg.lora_rank and (cfg.lora_alpha is not None or cfg.lora_targets != ",".join(LORA_TARGETS)):
+        raise InputError(f"{'--lora-alpha' if cfg.lora_alpha is not None else '--lora-targets'} applies to "
+                         "adapters: add --lora-rank R (R > 0)")
+    unknown = set(cfg.lora_targets.split(",")) - set(LORA_TARGETS)
+    if unknown:
+        raise InputError(f"--lora-targets {cfg.lora_targets}: {', '.join(sorted(unknown))} is not one of "
+                         f"{', '.join(LORA_TARGETS)}")
     r = cfg.riel
     if r.overlong_penalty > r.max_new_tokens:
         raise InputError(f"--overlong-penalty {r.overlong_penalty} must be at most --max-new-tokens "

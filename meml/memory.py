@@ -9,6 +9,9 @@ under --fsdp, else 1; b(x) the bytes of dtype x):
   gradients        P b(weights) / W
   AdamW states     2 P b(weights) / W         exp_avg and exp_avg_sq
   reference model  P b(compute)               E4 (β > 0): the policy as RIEL starts, not sharded
+  With --lora-rank the weights are P b(compute) plus the adapters' L fp32 parameters, and the
+  gradients and AdamW states are those of the L adapter parameters alone; E4's reference is the
+  same model with the adapters off (no bytes).
   then the larger of the two phases of a step:
   rollouts         the bf16 copy generation runs on (P b(compute), mixed precision), the KV cache
                    of one sampler call (rows x tokens x layers x 2 x kv_heads x head_dim x
@@ -35,6 +38,7 @@ import torch
 
 from meml import distributed
 from meml.logprob import CHUNK_ELEMENTS
+from meml.lora import TARGETS as LORA_TARGETS
 from meml.model import ModelConfig
 
 GB = 1e9
@@ -52,6 +56,15 @@ def parameter_count(c: ModelConfig) -> int:
     layer = attention + bias + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size
     embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
     return c.num_hidden_layers * layer + embeddings + c.hidden_size
+
+
+def lora_parameter_count(c: ModelConfig, rank: int, targets) -> int:
+    """The adapters' parameters: r (in + out) for every target projection of every layer."""
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    H, inter = c.hidden_size, c.intermediate_size
+    shapes = {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (q, H), "gate_proj": (H, inter),
+              "up_proj": (H, inter), "down_proj": (inter, H)}
+    return c.num_hidden_layers * sum(rank * sum(shapes[t]) for t in targets)
 
 
 def layer_bytes_per_token(c: ModelConfig, compute: torch.dtype) -> float:
@@ -95,6 +108,8 @@ class Settings:
     prompt_tokens: int = 256               # the longest prompt
     completion_tokens: int = 256           # --max-new-tokens (or the longest MEF answer)
     activation_checkpointing: bool = False
+    lora_rank: int = 0                     # --lora-rank: only the adapters train (fp32, with AdamW)
+    lora_targets: tuple = ()
 
 
 def plan(c: ModelConfig, s: Settings) -> dict[str, int]:
@@ -111,11 +126,12 @@ def plan(c: ModelConfig, s: Settings) -> dict[str, int]:
         layers = rows_tokens * c.num_hidden_layers * per_layer
     mask = s.micro_batch_size * s.completion_tokens * tokens * w    # additive [B, 1, T, S]
     logits = 3 * CHUNK_ELEMENTS * 4                                 # the LM head's fp32 chunk
+    trained, t = (n, w) if not s.lora_rank else (lora_parameter_count(c, s.lora_rank, s.lora_targets), 4)
     out = {
-        "weights": n * w // s.shards,
-        "gradients": n * w // s.shards,
-        "AdamW states": 2 * n * w // s.shards,
-        "reference model": n * b if s.reference else 0,
+        "weights": n * w // s.shards + (trained * t if s.lora_rank else 0),  # LoRA: and the adapters
+        "gradients": trained * t // s.shards,
+        "AdamW states": 2 * trained * t // s.shards,
+        "reference model": n * b if s.reference and not s.lora_rank else 0,  # LoRA: the adapters off
         "rollouts: bf16 weights copy": n * b if mixed else 0,
         "rollouts: KV cache": s.rollout_rows * tokens * c.num_hidden_layers * 2 * c.num_key_value_heads
         * c.head_dim * b,
@@ -159,8 +175,11 @@ def advice(c: ModelConfig, s: Settings, budget: int) -> list[str]:
         out.append(f"--micro-batch-size {fits}: {size(total(micro_batch_size=fits))}")
     if not s.activation_checkpointing:
         out.append(f"--activation-checkpointing: {size(total(activation_checkpointing=True))}")
-    out.append(f"--fsdp under torchrun --nproc_per_node 8: {size(total(shards=8 * s.shards))} per device")
-    if s.weights == torch.float32 and s.compute == torch.bfloat16:
+    if not s.lora_rank:  # LoRA runs replicated (its weights are already in the compute dtype)
+        out.append(f"--fsdp under torchrun --nproc_per_node 8: {size(total(shards=8 * s.shards))} per device")
+        lora = total(lora_rank=16, lora_targets=LORA_TARGETS, weights=s.compute, reference=False)
+        out.append(f"--lora-rank 16: {size(lora)} (only the adapters train)")
+    if s.weights == torch.float32 and s.compute == torch.bfloat16 and not s.lora_rank:
         out.append(f"--bf16-weights: {size(total(weights=torch.bfloat16))} (small updates are lost; "
                    "see its help)")
     return out
@@ -195,10 +214,12 @@ def settings_for(task, cfg, precision) -> Settings:
     rows = r.questions_per_step * len(task.system_prompts) * r.group_size // world if cfg.run_riel else 0
     completion = max(r.max_new_tokens if cfg.run_riel else 0, task.longest_answer if cfg.run_mef else 0,
                      cfg.eval_max_new_tokens)
-    return Settings(weights=precision.weights, compute=precision.compute, shards=world if cfg.fsdp else 1,
-                    reference=cfg.run_riel and r.beta > 0, micro_batch_size=r.micro_batch_size,
-                    rollout_rows=max(1, min(r.rollout_batch_size, rows)), prompt_tokens=task.longest_prompt,
-                    completion_tokens=completion, activation_checkpointing=cfg.activation_checkpointing)
+    return Settings(weights=precision.compute if cfg.lora_rank else precision.weights, compute=precision.compute,
+                    shards=world if cfg.fsdp else 1, reference=cfg.run_riel and r.beta > 0,
+                    micro_batch_size=r.micro_batch_size, rollout_rows=max(1, min(r.rollout_batch_size, rows)),
+                    prompt_tokens=task.longest_prompt, completion_tokens=completion,
+                    activation_checkpointing=cfg.activation_checkpointing, lora_rank=cfg.lora_rank,
+                    lora_targets=tuple(cfg.lora_targets.split(",")))
 
 
 def fit(task, cfg, precision, device, given):

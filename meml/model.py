@@ -33,6 +33,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from meml.hf_checkpoint import fuse_projections, read_tensors, split_projections, write_checkpoint
+from meml.lora import merged_state
 from meml.model_config import ModelConfig  # re-exported: `from meml.model import ModelConfig` works
 
 # ---------------------------------------------------------------------------------------------
@@ -175,8 +176,11 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         if x.dim() == 3 and x.shape[1] == 1:
-            return decode_linear(x[:, 0], self.weight, self.bias)[:, None]  # [B, 1, out]
-        return super().forward(x)
+            y = decode_linear(x[:, 0], self.weight, self.bias)[:, None]  # [B, 1, out]
+        else:
+            y = super().forward(x)
+        lora = self._modules.get("lora")  # low-rank adapters, --lora-rank (meml/lora.py)
+        return y if lora is None or not lora.enabled else y + lora(x)
 
 
 class Attention(nn.Module):
@@ -385,8 +389,11 @@ class Transformer(nn.Module):
     def hf_state_dict(self, state: dict | None = None) -> dict[str, torch.Tensor]:
         """The state dict (default: this model's own) under the checkpoint's names: qkv_proj
         split back into q/k/v_proj (copies), and no lm_head.weight when tied (HF does not store
-        the head then)."""
-        state = split_projections(self.state_dict() if state is None else state, self.config)
+        the head then). Low-rank adapters are merged into their weights (meml/lora.py)."""
+        state = self.state_dict() if state is None else state
+        if any(".lora." in k for k in state):
+            state = merged_state(self, state)
+        state = split_projections(state, self.config)
         if self.config.tie_word_embeddings:
             del state["lm_head.weight"]
         return state

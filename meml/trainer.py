@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from meml import distributed
+from meml import distributed, lora
 from meml.checkpoint import save_checkpoint
 from meml.errors import InputError
 
@@ -94,6 +94,8 @@ def trainer_state(stage: Stage, step: int, optimizer, carry: dict, model, weight
     sharded model's optimizer states are gathered whole)."""
     weights_dtype = next(model.parameters()).dtype
     masters = {"master_weights": weights} if stage.save_dtype not in (None, weights_dtype) else {}
+    if lora.adapters(model):  # LoRA: the frozen weights are the run's --model; the adapters, exactly
+        masters = {"adapters": lora.peft_state(model)}
     return {**masters,
         "stage": stage.name,
         "step": step,

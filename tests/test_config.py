@@ -25,6 +25,10 @@ def test_every_option_is_a_flag_that_sets_its_field():
             argv = [flag_name(key), str(value)]
         if key in RATIO_OPTIONS:  # meaningless without a ratio: the default loss has none (an error)
             argv += ["--loss", "clipped"]
+        if key == "lora_targets":  # a list of projection names
+            value, argv = "q_proj", [flag_name(key), "q_proj"]
+        if key in ("lora_alpha", "lora_targets"):  # meaningless without adapters (an error)
+            argv += ["--lora-rank", "4"]
         cfg = parse(argv)
         got = getattr(cfg.riel, key[5:]) if key.startswith("riel.") else getattr(cfg, key)
         assert got == value, key
