@@ -336,6 +336,8 @@ def print_table(results: dict, riel_summary: dict | None, elapsed: float) -> Non
         aw = " ".join(f"{v:.2f}" for v in riel_summary["all_wrong"])
         print(f"  zero-signal groups per expert (all rewards equal): {zs}")
         print(f"  all-wrong groups per expert:                       {aw}")
+        print(f"  questions one expert's group got all wrong and another's got right: "
+              f"{riel_summary['rescuable']:.2f}; all N x G wrong: {riel_summary['all_wrong_questions']:.2f}")
         print(f"  buffer insertions {riel_summary['insertions']}, SFT triggers {riel_summary['sft_triggers']}, "
               f"inter-expert KL active on {riel_summary['active_questions']} questions")
     print(f"\ntotal time {elapsed / 60:.1f} min")
@@ -353,7 +355,8 @@ def summarise_riel(metrics_path: Path, num_experts: int) -> dict | None:
             "all_wrong": [mean(f"rewards/expert_{i}/all_wrong") for i in range(num_experts)],
             "insertions": sum(r["buffer/insertions"] for r in rows),
             "sft_triggers": sum(r["buffer/sft_triggers"] for r in rows),
-            "active_questions": sum(r.get("inter_expert/active_questions", 0) for r in rows)}
+            "active_questions": sum(r.get("inter_expert/active_questions", 0) for r in rows),
+            "rescuable": mean("premise/rescuable"), "all_wrong_questions": mean("premise/all_wrong")}
 
 
 # ---------------------------------------------------------------------------------------------

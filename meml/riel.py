@@ -118,6 +118,11 @@ def rollout_metrics(grid: Grid, advantages: torch.Tensor) -> dict:
         "completions/clipped_ratio": 1.0 - grid.finished.mean().item(),
         "advantages/nonzero_frac": (advantages != 0).float().mean().item(),
     }
+    # MEML's premise, per question: some expert's G rollouts are all wrong while another expert
+    # has a correct one (what E5 and the buffer can rescue), or all N x G are wrong
+    right = (rewards == 1.0).any(-1)                                    # [Q, N]: a correct rollout
+    out["premise/rescuable"] = ((~right).any(-1) & right.any(-1)).float().mean().item()
+    out["premise/all_wrong"] = (~right.any(-1)).float().mean().item()
     by_expert = grid.entropy.mean(dim=(0, 2))  # [N]: mean over rows of each row's mean token entropy
     out["entropy"] = by_expert.mean().item()
     for i in range(rewards.shape[1]):

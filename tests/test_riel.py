@@ -445,3 +445,19 @@ def test_a_part_whose_weight_is_0_is_not_scored(world):
     step_e7(model, w, ro, TWO_ACTIVE, advantages, [], cfg)
     assert out["loss/sft"] == 0.0
     assert_same_grads(with_items, grads(model))
+
+
+def test_the_step_logs_the_share_of_questions_the_experts_can_rescue():
+    """MEML's premise, counted by hand: q0 expert 2 all wrong while expert 0 is right (rescuable);
+    q1 every expert has a right rollout (nothing to rescue); q2 all 9 wrong."""
+    from meml.riel import rollout_metrics
+    rewards = torch.tensor([[[1, 1, 0], [0, 1, 0], [0, 0, 0]],
+                            [[1, 0, 0], [0, 1, 0], [0, 0, 1]],
+                            [[0, 0, 0], [0, 0, 0], [0, 0, 0]]], dtype=torch.float)
+    zeros = torch.zeros_like(rewards)
+    out = rollout_metrics(Grid(rewards, zeros, zeros + 5, zeros + 1, zeros), zeros)
+    assert out["premise/rescuable"] == pytest.approx(1 / 3) and out["premise/all_wrong"] == pytest.approx(1 / 3)
+    partial = rewards.clone()
+    partial[1] = 0.5  # partial credit is not "correct": q1 joins the all-wrong questions
+    out = rollout_metrics(Grid(partial, zeros, zeros + 5, zeros + 1, zeros), zeros)
+    assert out["premise/all_wrong"] == pytest.approx(2 / 3)
