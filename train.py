@@ -350,7 +350,9 @@ def summarise_riel(metrics_path: Path, num_experts: int) -> dict | None:
     rows = [r for r in rows if r.get("stage") == "riel" and "reward" in r]  # not the curve's step-0 line
     if not rows:
         return None
-    mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    def mean(key):  # over the lines that have it (a run resumed across versions may lack it in some)
+        have = [r[key] for r in rows if key in r]
+        return sum(have) / len(have) if have else float("nan")
     return {"frac_reward_zero_std": [mean(f"frac_reward_zero_std/expert_{i}") for i in range(num_experts)],
             "all_wrong": [mean(f"rewards/expert_{i}/all_wrong") for i in range(num_experts)],
             "insertions": sum(r["buffer/insertions"] for r in rows),
@@ -381,8 +383,12 @@ def run(argv=None) -> int:
         planned = torch.device(distributed.device_name(args.device))
         return print_plan(args, cfg, precision_of(args, planned, bf16_supported=True), planned)
     precision = precision_of(args, distributed.checked_device(args.device))
-    if cfg.lora_rank:  # only the adapters (fp32) train: the frozen weights can stay in the compute dtype
-        precision = replace(precision, weights=precision.compute)
+    if cfg.lora_rank:  # only the adapters (fp32) train: the frozen weights can stay in the compute dtype;
+        # the merged checkpoint is fp32, where a bf16 W + (α/r)·B A would round most of the update away
+        if args.bf16_weights:
+            raise InputError("--bf16-weights with --lora-rank: LoRA keeps the frozen weights in the compute "
+                             "dtype already, and its adapters (what trains) in fp32")
+        precision = replace(precision, weights=precision.compute, save=torch.float32)
     device = distributed.init(args.device)  # under torchrun: join the others; rank 0 alone prints and writes
     run_dir = args.resume if args.resume else args.output
     if not args.resume and args.dtype == "auto":  # what auto chose is the run's: a resume keeps it
@@ -425,11 +431,14 @@ def run_in(run_dir: Path, args, cfg: TrainConfig, precision: Precision, device, 
     cfg = memory.fit(task, cfg, precision, device, given=args)
     task.model.activation_checkpointing = cfg.activation_checkpointing
     write_run_info(run_dir, task, cfg)
-    if checkpoint is None and args.init_from is not None:
-        init_weights(task, args.init_from, device, precision)
+    base = str(args.model or "the built-in synthetic world")  # the weights LoRA keeps frozen
+    if args.init_from is not None and checkpoint is None:
+        base = str(init_weights(task, args.init_from, device, precision))
+    elif args.init_from is not None and cfg.lora_rank:  # a LoRA resume: the same frozen weights again
+        base = str(init_weights(task, Path(state["lora_base"]), device, precision))
     if cfg.lora_rank:  # only the adapters train (meml/lora.py); checkpoints hold them and the merged model
         lora.add_lora(task.model, cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank, cfg.lora_targets.split(","))
-        task.model.lora_settings["base"] = str(args.model or "the built-in synthetic world")
+        task.model.lora_settings["base"] = base
     if cfg.fsdp:  # FSDP2: from here on each rank holds a shard of every weight
         distributed.shard_model(task.model, precision.compute)
     if checkpoint is not None and cfg.lora_rank:  # the frozen weights are --model's; the adapters come back

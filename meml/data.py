@@ -11,6 +11,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 from meml.errors import InputError
@@ -276,7 +277,8 @@ def load_jsonl(path) -> list[Example]:
         seen[id_] = line_no
         solution = _field(record, "solution", str, where) if "solution" in record else ""
         text = question if messages is None else "\n".join(m["content"] for m in messages)
-        examples.append(Example(id_, text, str(answer), solution, messages=messages, fields=record))
+        gold = format(Decimal(repr(answer)), "f") if isinstance(answer, float) else str(answer)  # 1e-05 -> 0.00001
+        examples.append(Example(id_, text, gold, solution, messages=messages, fields=record))
     return examples
 
 

@@ -110,7 +110,8 @@ def merged_state(model, state: dict) -> dict:
     with torch.no_grad():
         for name, m in adapters(model).items():
             weight = out[f"{name}.weight"]
-            out[f"{name}.weight"] = (weight.float() + m.delta_weight().float().to(weight.device)).to(weight.dtype)
+            # in fp32 whatever W's dtype: a bf16 W + (α/r)·B A rounds most of a small update away
+            out[f"{name}.weight"] = weight.float() + m.delta_weight().float().to(weight.device)
     return out
 
 

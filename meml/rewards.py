@@ -35,6 +35,7 @@ Rules (the same for every data set):
 - StrategyQA: yes / no / true / false as a word; true means yes.
 """
 import re
+import sys
 from fractions import Fraction
 
 from meml.data import Example
@@ -252,16 +253,18 @@ class Verifier:
     Majority votes need to know when two answers are the same: a built-in verifier's answer
     reader (`extract_answer`) decides; the user's own function has none, so no vote is taken."""
 
-    def __init__(self, name: str, fn=None, builtin: str | None = None):
+    def __init__(self, name: str, fn=None, builtin: str | None = None, spec: str | None = None):
         self.name, self.fn, self.builtin = name, fn, builtin
+        self.spec = spec or name  # what meml_run.json records: a file's path made absolute
 
     def __call__(self, completion: str, example: Example) -> float:
         if self.builtin is not None:
             return reward(self.builtin, completion, example)
         try:
             value = self.fn(completion, example.record())
-        except Exception as e:  # the user's function failed: name it, the example and the error
-            raise InputError(f"--reward {self.name}: example {example.id!r}: raised {type(e).__name__}: {e}") from e
+        except Exception as e:  # the user's function failed: name it, the example and the error (one line)
+            first = (str(e).splitlines() or [""])[0]
+            raise InputError(f"--reward {self.name}: example {example.id!r}: raised {type(e).__name__}: {first}") from e
         number = None if isinstance(value, (str, bytes)) or value is None else _as_float(value)
         if number is None or not 0.0 <= number <= 1.0:  # NaN fails both comparisons
             raise InputError(f"--reward {self.name}: example {example.id!r}: returned {value!r}; a reward is a "
@@ -297,6 +300,7 @@ def load_verifier(spec: str) -> Verifier:
                 raise InputError(f"--reward {spec}: no file {path}")
             module_spec = importlib.util.spec_from_file_location(f"meml_reward_{Path(path).stem}", path)
             module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_spec.name] = module  # as an import does (dataclasses look themselves up there)
             module_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(path)
@@ -307,4 +311,5 @@ def load_verifier(spec: str) -> Verifier:
     fn = getattr(module, name, None)
     if not callable(fn):
         raise InputError(f"--reward {spec}: {path} has no function {name!r}")
-    return Verifier(spec, fn=fn)
+    resolved = f"{Path(path).resolve()}:{name}" if path.endswith(".py") else spec
+    return Verifier(spec, fn=fn, spec=resolved)

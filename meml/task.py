@@ -287,7 +287,7 @@ def write_run_info(run_dir: Path, task: Task, cfg: TrainConfig) -> None:
     Written by rank 0."""
     if not distributed.is_main():
         return
-    info = {"dataset": task.dataset, "reward": task.verifier.name if task.verifier else task.dataset,
+    info = {"dataset": task.dataset, "reward": task.verifier.spec if task.verifier else task.dataset,
             "seed": cfg.seed, "system_prompts": task.system_prompts,
             "eval_source": task.eval_source, "eval_ids": [ex.id for ex in task.evals],
             "dev_ids": [ex.id for ex in task.devs], "eval_max_new_tokens": cfg.eval_max_new_tokens,
@@ -298,10 +298,10 @@ def write_run_info(run_dir: Path, task: Task, cfg: TrainConfig) -> None:
     write_json(run_dir / RUN_INFO, info)  # atomically
 
 
-def init_weights(task: Task, source: Path, device, precision: Precision) -> None:
-    """--init-from: the weights of another run's checkpoint (its newest, given a run folder).
-    Its tokenizer must be this run's: ids mean the same tokens (a synthetic world's tokenizer
-    depends on its seed)."""
+def init_weights(task: Task, source: Path, device, precision: Precision) -> Path:
+    """--init-from: the weights of another run's checkpoint (its newest, given a run folder);
+    returns that checkpoint. Its tokenizer must be this run's: ids mean the same tokens (a
+    synthetic world's tokenizer depends on its seed)."""
     checkpoint = source if (source / "config.json").exists() else latest_checkpoint(source)
     if checkpoint is None:
         raise InputError(f"--init-from {source}: no checkpoint there (a checkpoint folder or a run folder)")
@@ -316,6 +316,7 @@ def init_weights(task: Task, source: Path, device, precision: Precision) -> None
     except RuntimeError as err:
         raise InputError(f"--init-from {checkpoint}: its weights do not fit this run's model ({str(err)[:200]})")
     print(f"RIEL starts from {checkpoint}")
+    return checkpoint
 
 
 def git_commit() -> str | None:

@@ -95,7 +95,7 @@ def trainer_state(stage: Stage, step: int, optimizer, carry: dict, model, weight
     weights_dtype = next(model.parameters()).dtype
     masters = {"master_weights": weights} if stage.save_dtype not in (None, weights_dtype) else {}
     if lora.adapters(model):  # LoRA: the frozen weights are the run's --model; the adapters, exactly
-        masters = {"adapters": lora.peft_state(model)}
+        masters = {"adapters": lora.peft_state(model), "lora_base": model.lora_settings["base"]}
     return {**masters,
         "stage": stage.name,
         "step": step,

@@ -162,3 +162,44 @@ def test_the_memory_plan_counts_the_adapters_a_model_holds(targets):
     assert terms["gradients"] == 4 * adapters and terms["AdamW states"] == 8 * adapters
     assert terms["weights"] == 4 * (parameter_count(model.config) + adapters) and terms["reference model"] == 0
     assert full["gradients"] == 4 * parameter_count(model.config) > terms["gradients"]
+
+
+def test_a_lora_run_from_init_from_resumes_on_the_same_frozen_weights(tmp_path):
+    """--init-from with --lora-rank: the frozen weights are the --init-from checkpoint's, on the
+    first start and on --resume (which once took them from --model instead: every merged tensor
+    differed), and peft's adapter_config.json names that checkpoint as the base."""
+    small = [a for a in TINY if a not in ("--train-size", "16")] + ["--train-size", "16"]
+    source = tmp_path / "source"
+    assert train.main(small + ["--preset", "moe-sft", "--mef-steps", "2", "--output", str(source)]) == 0
+    args = small + ["--init-from", str(source), "--lora-rank", "4", "--save-every", "1", "--beta", "0.1"]
+    whole, half = tmp_path / "whole", tmp_path / "half"
+    assert train.main(args + ["--riel-steps", "3", "--output", str(whole)]) == 0
+    assert train.main(args + ["--riel-steps", "1", "--output", str(half)]) == 0
+    assert train.main(["--resume", str(half), "--riel-steps", "3"]) == 0
+    for name in ("adapter_model.safetensors", "model.safetensors"):
+        a, b = load_file(str(whole / "checkpoint-000003" / name)), load_file(str(half / "checkpoint-000003" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    config = json.loads((whole / "checkpoint-000003" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(source / "checkpoint-000002")
+
+
+def test_a_bf16_lora_run_trains_fp32_adapters_and_saves_the_merged_model_in_fp32(tmp_path):
+    """Under bf16 the frozen weights are bf16, the adapters fp32; the merged HF files are fp32, so
+    merged − base is exactly what (α/r)·B A adds (rounded to bf16, 54 % of such elements were
+    left unchanged after 2 steps). --bf16-weights beside --lora-rank is refused."""
+    run = tmp_path / "run"
+    assert train.main(TINY + ["--lora-rank", "4", "--lora-alpha", "4", "--mef-steps", "2", "--riel-steps", "1",
+                              "--dtype", "bfloat16", "--output", str(run)]) == 0
+    merged = load_file(str(run / "checkpoint-000003" / "model.safetensors"))
+    adapters = load_file(str(run / "checkpoint-000003" / "adapter_model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in [*merged.values(), *adapters.values()])
+    torch.manual_seed(0)  # the synthetic world's base, as meml.task.build_task makes it (--seed 0)
+    base = Transformer(ModelConfig.from_json(run / "synthetic" / "config.json"))
+    base.init_weights()
+    name = "model.layers.0.mlp.down_proj"
+    delta = adapters[f"base_model.model.{name}.lora_B.weight"] @ adapters[f"base_model.model.{name}.lora_A.weight"]
+    assert delta.abs().max() > 0  # the adapters trained (α / r = 1)
+    frozen = base.state_dict()[f"{name}.weight"].to(torch.bfloat16).float()
+    assert torch.allclose(merged[f"{name}.weight"] - frozen, delta, atol=1e-6)
+    assert train.main(TINY + ["--lora-rank", "4", "--bf16-weights", "--dtype", "bfloat16",
+                              "--output", str(tmp_path / "refused")]) == 2

@@ -208,8 +208,10 @@ def test_a_run_on_ones_own_task_reads_its_reward_everywhere(tmp_path, monkeypatc
     assert results["after RIEL"]["accuracy"] == [0.0, 0.0, 0.0]  # correct means reward 1
     assert results["after RIEL"]["majority_vote"] is None and "n/a" in out  # no answer reader: no vote
     assert "training questions have no SFT target for the buffer" in out
-    # evaluate.py scores the run's checkpoint with the run's own reward
+    # evaluate.py scores the run's checkpoint with the run's own reward, recorded with its absolute path
     import evaluate
+    info = json.loads((tmp_path / "run" / "meml_run.json").read_text())
+    assert info["reward"] == f"{(tmp_path / 'counting.py').resolve()}:score"
     (tmp_path / "calls.jsonl").unlink()
     assert evaluate.main(["--model", str(tmp_path / "run" / "checkpoint-000002"), "--pass-k", "0"]) == 0
     assert len((tmp_path / "calls.jsonl").read_text().splitlines()) == 2 * 3
@@ -257,3 +259,20 @@ def test_the_examples_files_run_through_train_py(tmp_path, capsys):
                        "--group-size", "2", "--buffer-k", "1", "--mef-batch-size", "2",
                        "--output", str(tmp_path / "run")]) == 0
     assert "after RIEL" in capsys.readouterr().out
+
+
+def test_review_mends_answers_in_exponent_form_multi_line_errors_and_dataclass_modules(tmp_path):
+    """A JSON float 0.00001 is the answer 0.00001 (str() wrote 1e-05, which the verifier reads as
+    1); an exception's message of several lines stays one line; a reward module may define a
+    dataclass (it is in sys.modules while it runs, as an import would put it)."""
+    (example,) = load_jsonl(write(tmp_path / "d.jsonl", [{"question": "q", "answer": 0.00001}]))
+    assert example.answer == "0.00001"
+    assert load_verifier("gsm8k")("#### 1", example) == 0.0 and load_verifier("gsm8k")("#### 0.00001", example) == 1.0
+    (tmp_path / "multi.py").write_text(
+        "from __future__ import annotations\nfrom dataclasses import dataclass\n\n@dataclass\nclass Box:\n"
+        "    value: float\n\ndef score(completion, example):\n    return Box(1.0).value\n\n"
+        "def noisy(completion, example):\n    raise ValueError('first line\\nsecond line')\n")
+    assert load_verifier(f"{tmp_path / 'multi.py'}:score")("x", example) == 1.0
+    with pytest.raises(InputError) as caught:
+        load_verifier(f"{tmp_path / 'multi.py'}:noisy")("x", example)
+    assert str(caught.value).endswith("raised ValueError: first line")
