@@ -300,8 +300,12 @@ def run_riel(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, ch
 
     def riel_step_at(step):
         idx = batch_indices(len(task.train), r.questions_per_step, step, cfg.seed + 1)
+
+        def more(k):  # --dynamic-sampling's round k: new questions, a stream of their own per (step, round)
+            return [task.train[i] for i in batch_indices(len(task.train), r.questions_per_step, step,
+                                                         cfg.seed + 1 + 7919 * k)]
         yield from riel_step(task.model, experts, [task.train[i] for i in idx], r, stream_key(cfg.seed, step), buffer,
-                             by_id, ref_model)
+                             by_id, ref_model, more_examples=more)
 
     steps_per_epoch = max(1, len(task.train) // r.questions_per_step)
     run_stage(stage, task.model, optimizer, riel_step_at, run_dir=run_dir, tokenizer_dir=task.model_dir,

@@ -93,6 +93,9 @@ class RielConfig:
     overlong_penalty: int = option(0, "DAPO's soft overlong punishment: over the last L tokens before "
                                    "--max-new-tokens the reward falls linearly to -1, added before E2 (0: off) "
                                    "[D25]", at_least=0)
+    dynamic_sampling: int = option(0, "DAPO's dynamic sampling: a question whose N x G rewards are all equal is "
+                                   "dropped and the batch refilled from new questions, in at most this many "
+                                   "extra rounds (0: off) [D27]", at_least=0)
     beta: float = option(0.0, "weight of the reference-model KL, E4 (0 in MEML, 0.04 for GRPO)", at_least=0,
                          section="RIEL loss, continued (E4-E6)")
     kl_estimator: str = option("k3", "E4's per-token estimator", choices=ESTIMATORS)

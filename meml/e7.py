@@ -75,6 +75,22 @@ class Rollouts:
         out[self.rows.flatten()] = grid.flatten()
         return out
 
+    @staticmethod
+    def joined(parts: list["Rollouts"]) -> "Rollouts":
+        """Several batches' rollouts as one, their questions in order."""
+        offsets = torch.tensor([0] + [len(p.prompts) for p in parts]).cumsum(0)
+        rows = torch.cat([p.rows + o for p, o in zip(parts, offsets.tolist())])
+        return Rollouts(rows, *(sum((getattr(p, f) for p in parts), []) for f in
+                                ("prompts", "completions", "sampler_logprobs", "finished", "texts", "entropy")))
+
+    def of_questions(self, questions: list[int]) -> "Rollouts":
+        """The rollouts of these questions (by position), in that order, rows numbered afresh."""
+        old = self.rows[questions].flatten().tolist()
+        pick = lambda values: [values[r] for r in old]  # noqa: E731
+        return Rollouts(torch.arange(len(old)).view(len(questions), *self.rows.shape[1:]), pick(self.prompts),
+                        pick(self.completions), pick(self.sampler_logprobs), pick(self.finished), pick(self.texts),
+                        pick(self.entropy))
+
     def question_of_row(self) -> torch.Tensor:
         """[rows] long: the question each row answers."""
         questions = torch.arange(self.rows.shape[0])[:, None, None].expand_as(self.rows)
@@ -103,6 +119,13 @@ class Grid:
 
     def stacked(self) -> torch.Tensor:
         return torch.stack([self.reward, self.penalty, self.length, self.finished, self.entropy], dim=-1)
+
+    def __getitem__(self, questions) -> "Grid":
+        return Grid(*self.stacked()[questions].unbind(-1))
+
+    @staticmethod
+    def joined(parts: list["Grid"]) -> "Grid":
+        return Grid(*torch.cat([p.stacked() for p in parts]).unbind(-1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ class LoRA(nn.Module):
         super().__init__()
         self.parts, self.scale, self.enabled = dict(parts), alpha / rank, True
         self.A = nn.ParameterDict({n: nn.Parameter(torch.empty(rank, in_features)) for n in parts if n in targets})
-        self.B = nn.ParameterDict({n: nn.Parameter(torch.zeros(rows, rank)) for n, rows in parts.items() if n in targets})
+        self.B = nn.ParameterDict({n: nn.Parameter(torch.zeros(rows, rank))
+                                   for n, rows in parts.items() if n in targets})
         for a in self.A.values():
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # peft's default
 

@@ -21,6 +21,7 @@ the identity. The gradients are summed over ranks by the trainer (`distributed.s
 """
 import itertools
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -104,6 +105,56 @@ def buffer_targets(experts: Experts, items, examples_by_id, cfg: RielConfig) -> 
 
 
 # ---------------------------------------------------------------------------------------------
+# 2a and 2b together, and DAPO's dynamic sampling
+
+@dataclass
+class Sampled:
+    """A batch of questions sampled and scored: this rank's rollouts and every rank's grid."""
+    examples: list        # the batch's questions, in the grid's order
+    ro: Rollouts          # this rank's rollouts
+    grid: Grid            # [Q, N, G], every rank's questions
+    mine: list[int]       # where this rank's questions (ro's, in order) sit in the grid
+
+
+def sample(model, experts: Experts, examples, cfg: RielConfig, step_key: int, first_question: int = 0) -> Sampled:
+    """2a, 2b: each rank samples and scores its contiguous share of the questions; the grid of
+    rewards and figures is gathered, so every rank sees the whole batch's."""
+    questions, share = distributed.my_share(examples, "--questions-per-step")
+    ro = sample_rollouts(model, experts, questions, cfg, step_key, first_question=first_question + share.start)
+    my_grid = Grid.of(ro, score_rollouts(ro, experts, questions), cfg)
+    # across ranks: the whole batch's grid, every rank's questions in order
+    grid = Grid(*distributed.all_gather_tensor(my_grid.stacked()).unbind(-1))
+    return Sampled(examples, ro, grid, list(range(share.start, share.stop)))
+
+
+def dynamic_sampling(model, experts: Experts, batch: Sampled, more, cfg: RielConfig,
+                     step_key: int) -> tuple[Sampled, Sampled]:
+    """DAPO's dynamic sampling (D27): a question whose N x G shaped rewards are all equal gives
+    E2 nothing (and E5 no pair), so it is dropped, and new questions, `more(k)` in round k, are
+    sampled until the batch has as many questions with a signal as it started with, or
+    cfg.dynamic_sampling rounds have been made. Round k's rollouts draw from keys of question
+    numbers k·Q + q (D22), never those of another round. Returns (the batch E2-E7 train on, the
+    kept questions in the order found, or the first batch if none has a signal; everything
+    sampled, which the buffer sees)."""
+    size, rounds = len(batch.examples), [batch]
+    signal = lambda s: [q for q in range(len(s.examples))  # noqa: E731
+                        if (s.grid.reward[q] + s.grid.penalty[q]).unique().numel() > 1]
+    kept = [q for q in signal(batch)]
+    while len(kept) < size and len(rounds) <= cfg.dynamic_sampling:
+        extra = sample(model, experts, more(len(rounds)), cfg, step_key, first_question=len(rounds) * size)
+        kept += [len(rounds) * size + q for q in signal(extra)]
+        rounds.append(extra)
+    kept = kept[:size] or list(range(size))  # no signal found at all: the first batch, as sampled
+    everything = Sampled(sum((r.examples for r in rounds), []), Rollouts.joined([r.ro for r in rounds]),
+                         Grid.joined([r.grid for r in rounds]),
+                         [k * size + q for k, r in enumerate(rounds) for q in r.mine])
+    at = {q: j for j, q in enumerate(everything.mine)}  # a question of this rank -> its place in ro
+    mine = [j for j, q in enumerate(kept) if q in at]
+    return Sampled([everything.examples[q] for q in kept], everything.ro.of_questions([at[kept[j]] for j in mine]),
+                   everything.grid[kept], mine), everything
+
+
+# ---------------------------------------------------------------------------------------------
 # Metrics
 
 def rollout_metrics(grid: Grid, advantages: torch.Tensor) -> dict:
@@ -118,11 +169,6 @@ def rollout_metrics(grid: Grid, advantages: torch.Tensor) -> dict:
         "completions/clipped_ratio": 1.0 - grid.finished.mean().item(),
         "advantages/nonzero_frac": (advantages != 0).float().mean().item(),
     }
-    # MEML's premise, per question: some expert's G rollouts are all wrong while another expert
-    # has a correct one (what E5 and the buffer can rescue), or all N x G are wrong
-    right = (rewards == 1.0).any(-1)                                    # [Q, N]: a correct rollout
-    out["premise/rescuable"] = ((~right).any(-1) & right.any(-1)).float().mean().item()
-    out["premise/all_wrong"] = (~right.any(-1)).float().mean().item()
     by_expert = grid.entropy.mean(dim=(0, 2))  # [N]: mean over rows of each row's mean token entropy
     out["entropy"] = by_expert.mean().item()
     for i in range(rewards.shape[1]):
@@ -131,6 +177,14 @@ def rollout_metrics(grid: Grid, advantages: torch.Tensor) -> dict:
         out[f"frac_reward_zero_std/expert_{i}"] = stats["zero_signal"][i].item()
         out[f"rewards/expert_{i}/all_wrong"] = stats["all_wrong"][i].item()
     return out
+
+def premise(grid: Grid) -> dict:
+    """MEML's premise, per question of everything sampled: some expert's G rollouts are all wrong
+    while another expert has a correct one (what E5 and the buffer can rescue), or all N x G are."""
+    right = (grid.reward == 1.0).any(-1)                                # [Q, N]: a correct rollout
+    return {"premise/rescuable": ((~right).any(-1) & right.any(-1)).float().mean().item(),
+            "premise/all_wrong": (~right.any(-1)).float().mean().item()}
+
 
 def buffer_metrics(buffer: HardExampleBuffer | None, inserted: int, sft_items: list, fallbacks: int,
                    missing: int) -> dict:
@@ -147,7 +201,7 @@ def buffer_metrics(buffer: HardExampleBuffer | None, inserted: int, sft_items: l
 # The step
 
 def riel_step(model, experts: Experts, examples, cfg: RielConfig, step_key: int,
-              buffer: HardExampleBuffer | None, examples_by_id: dict, ref_model=None):
+              buffer: HardExampleBuffer | None, examples_by_id: dict, ref_model=None, more_examples=None):
     """Stages 2a-2e for one batch of questions. Yields the metrics (E7's value as "loss/total")
     after each of the cfg.num_iterations backward passes on the same rollouts: the caller takes
     an optimizer step (meml/trainer.py) before the next one. step_key: the step's random key
@@ -156,18 +210,18 @@ def riel_step(model, experts: Experts, examples, cfg: RielConfig, step_key: int,
     Across processes every rank gets the whole batch and samples its contiguous share of the
     questions (`mine`): all N x G rollouts of a question stay on one rank, so its groups (E2) and
     its E+/E− pair (E5) are local. The grid of rewards is gathered, so E2 with batch_std, the
-    buffer (E6), the denominators and the metrics see the whole step on every rank."""
+    buffer (E6), the denominators and the metrics see the whole step on every rank.
+    more_examples(k): round k's new questions for --dynamic-sampling (D27)."""
     t0 = time.time()
     model.eval()
-    questions, mine = distributed.my_share(examples, "--questions-per-step")  # this rank's questions
-    ro = sample_rollouts(model, experts, questions, cfg, step_key, first_question=mine.start)      # 2a
+    batch = sampled = sample(model, experts, examples, cfg, step_key)                              # 2a, 2b
+    if cfg.dynamic_sampling:  # D27: questions with no signal dropped, new ones sampled in their place
+        batch, sampled = dynamic_sampling(model, experts, batch, more_examples, cfg, step_key)
     t1 = time.time()
-    my_grid = Grid.of(ro, score_rollouts(ro, experts, questions), cfg)                             # 2b
-    # across ranks: the whole step's grid, every rank's questions in order
-    grid = Grid(*distributed.all_gather_tensor(my_grid.stacked()).unbind(-1))
+    ro, grid, mine = batch.ro, batch.grid, batch.mine  # this rank's rollouts, the whole batch, where ro's sit
     advantages = group_advantages(grid.reward + grid.penalty, scale=cfg.advantage_scale, eps=cfg.advantage_eps,
                                   positive_only=cfg.positive_only)                       # 2c, E2 [Q, N, G]
-    sft_items, inserted = (fill_buffer(buffer, examples, grid.reward, cfg.buffer_wrong_below)             # 2d
+    sft_items, inserted = (fill_buffer(buffer, sampled.examples, sampled.grid.reward, cfg.buffer_wrong_below)  # 2d
                            if buffer is not None else ([], 0))
     sft_prompts, sft_targets, fallbacks, missing = buffer_targets(experts, sft_items, examples_by_id, cfg)
     t2 = time.time()
@@ -177,12 +231,17 @@ def riel_step(model, experts: Experts, examples, cfg: RielConfig, step_key: int,
     batches = distributed.equal_passes(model, micro_batches(b, cfg))
     if cfg.recompute_old_logprobs and (cfg.loss != "paper" or cfg.tis_cap is not None):  # who reads π_old
         b.old_logprobs = recomputed_old_logprobs(model, experts, ro, batches["policy"], cfg)        # D21
-    metrics = {**rollout_metrics(grid, advantages), **buffer_metrics(buffer, inserted, sft_items, fallbacks, missing),
+    metrics = {**rollout_metrics(grid, advantages), **premise(sampled.grid),
+               **buffer_metrics(buffer, inserted, sft_items, fallbacks, missing),
                **({"rewards/overlong_penalty": grid.penalty.mean().item()} if cfg.overlong_penalty else {}),
+               **({"dynamic/kept_questions": len(batch.examples),
+                   "dynamic/extra_rollouts": (len(sampled.examples) - len(examples)) * grid.reward[0].numel()}
+                  if cfg.dynamic_sampling else {}),
                "time/generation": t1 - t0, "time/scoring": t2 - t1,
-               "tokens_per_second": int(grid.length.sum()) / max(t1 - t0, 1e-9),
-               "samples": [{"expert": i, "text": ro.texts[ro.rows[q, i, 0]], "reward": my_grid.reward[q, i, 0].item()}
-                           for q in range(len(questions)) for i in range(len(experts.system_prompts))]}
+               "tokens_per_second": int(sampled.grid.length.sum()) / max(t1 - t0, 1e-9),
+               "samples": [{"expert": i, "text": ro.texts[ro.rows[q, i, 0]],
+                            "reward": grid.reward[mine[q], i, 0].item()}
+                           for q in range(len(mine)) for i in range(len(experts.system_prompts))]}
     gap = None  # the sampling weights' gap, from the first update
     for _ in range(cfg.num_iterations):                                                       # μ updates
         values, stats = backward_e7(model, experts, b, batches, cfg, ref_model)

@@ -209,6 +209,50 @@ def test_lora_gradients_at_world_size_2_equal_world_size_1(tmp_path):
         assert got["metrics"]["loss/ref_kl"] > 0  # the adapters moved the policy off its reference
 
 
+def _dynamic_step(model, world):
+    """riel_step with --dynamic-sampling on test_riel's FOUR questions (2 a step, so 1 per rank):
+    round 0 is [q0 (no signal), q1], round 1 [q2, q3 (no signal)]. The kept batch is [q1, q2]:
+    its first question is rank 1's and its second rank 0's, so a rank's kept questions are no
+    longer the contiguous share in rank order that the plain step has."""
+    from meml import riel
+    from meml.buffer import HardExampleBuffer
+    from meml.config import RielConfig
+    from test_riel import FOUR, GRIDS
+    saved = riel.sample_rollouts, riel.score_rollouts
+    riel.sample_rollouts = lambda model, experts, questions, cfg, key, first_question=0: riel.Rollouts.joined(
+        [make_rollouts(world, [q]) for q in questions])
+    riel.score_rollouts = lambda ro, experts, questions: torch.stack([GRIDS[q.id] for q in questions])
+    try:
+        cfg = RielConfig(group_size=G, lambda1=0.5, micro_batch_size=4, max_new_tokens=14, dynamic_sampling=1)
+        model.zero_grad()
+        return next(riel.riel_step(model, world, FOUR[:2], cfg, 5, HardExampleBuffer(100, 1, G, 0),
+                                   {ex.id: ex for ex in FOUR}, more_examples=lambda k: FOUR[2:]))
+    finally:
+        riel.sample_rollouts, riel.score_rollouts = saved
+
+
+def _dynamic_worker(rank, tmp):
+    from meml import distributed
+    model, world, _ = _world(tmp)
+    metrics = _dynamic_step(model, world)
+    distributed.sum_gradients(model)
+    torch.save({"grads": {n: p.grad for n, p in model.named_parameters()}, "metrics": metrics},
+               os.path.join(tmp, f"rank{rank}.pt"))
+
+
+def test_dynamic_sampling_at_world_size_2_equals_world_size_1(tmp_path):
+    run_ranks(_dynamic_worker, tmp_path)
+    model, world, _ = _world(str(tmp_path))
+    single = _dynamic_step(model, world)
+    assert single["dynamic/kept_questions"] == 2
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for name, p in model.named_parameters():
+            assert torch.allclose(got["grads"][name], p.grad, atol=1e-6, rtol=1e-4), (rank, name)
+        for key in ("loss/total", "loss/inter_expert_kl", "reward", "buffer/insertions", "dynamic/extra_rollouts"):
+            assert got["metrics"][key] == pytest.approx(single[key], rel=2e-5), key
+
+
 def _buffer_worker(rank, tmp):
     from meml import distributed
     from meml.buffer import HardExampleBuffer
