@@ -42,7 +42,7 @@ from meml.kl import inter_expert_kl, inter_expert_kl_full_vocab, plus_rollouts, 
 from meml.losses import (E7_PARTS, aggregation_denominator, clip_fraction, e7_weights, nll_loss, overlong_penalty,
                          policy_loss, total_loss, truncated_is_weights)
 from meml.policy import completion_hidden, completion_logprobs, pack
-from meml.rewards import Verifier
+from meml.rewards import Verifier, verifier_for
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Experts:
     verifier: Verifier | None = None   # the reward; default: the data set's built-in verifier
 
     def reward(self, completion: str, example) -> float:
-        return (self.verifier or Verifier(self.dataset, builtin=self.dataset))(completion, example)
+        return verifier_for(self.dataset, self.verifier)(completion, example)
 
 
 @dataclass

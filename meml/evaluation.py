@@ -27,7 +27,7 @@ import torch
 from meml import distributed
 from meml.inference import complete
 from meml.prompts import expert_grid
-from meml.rewards import Verifier
+from meml.rewards import Verifier, verifier_for
 
 
 def accuracy(correct: list[bool]) -> float:
@@ -149,7 +149,7 @@ def evaluate_experts(model, tokenizer, examples, system_prompts: list[str], data
     and the per-question results are gathered: the greedy figures are those of one process;
     pass@k draws its samples per rank (seed + rank), so it is not."""
     model.eval()
-    verifier = verifier or Verifier(dataset, builtin=dataset)  # the reward "right" reads: 1
+    verifier = verifier_for(dataset, verifier)  # "right": reward 1
     mine, _ = distributed.my_share(examples)  # this rank's questions (any number: shares may differ by one)
     conversations, rows = expert_grid(mine, system_prompts, dataset, copies=1)  # rows [Q, N, 1]
     greedy = complete(model, tokenizer, conversations, max_new_tokens=max_new_tokens, batch_size=batch_size)

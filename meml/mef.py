@@ -25,7 +25,7 @@ from meml.inference import complete
 from meml.losses import nll_loss
 from meml.policy import completion_logprobs, pack
 from meml.prompts import expert_grid, expert_prompt, response_ids
-from meml.rewards import Verifier
+from meml.rewards import verifier_for
 from meml.sampler import stream_key
 
 
@@ -41,7 +41,7 @@ def verified_answers(answers: list[ExpertAnswer], examples: list[Example], datas
     """The answers whose final answer the verifier accepts (decision D1), and how many were
     dropped per expert. An answer naming a question that is not in `examples` is an error."""
     by_id = {ex.id: ex for ex in examples}
-    verifier = verifier or Verifier(dataset, builtin=dataset)
+    verifier = verifier_for(dataset, verifier)
     kept, dropped = [], {}
     for ans in answers:
         if ans.id not in by_id:
@@ -93,7 +93,7 @@ def generate_expert_data(teacher, teacher_tokenizer, examples: list[Example], sy
     `first` the index of examples[0] in the whole data set: a question then gets the same sample
     whichever process and batch it is generated in (train.py shards teachers across ranks)."""
     teacher.eval()
-    verifier = verifier or Verifier(dataset, builtin=dataset)
+    verifier = verifier_for(dataset, verifier)
     kept = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]

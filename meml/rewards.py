@@ -283,6 +283,11 @@ def _as_float(value) -> float | None:
         return None
 
 
+def verifier_for(dataset: str, verifier: Verifier | None = None) -> Verifier:
+    """`verifier`, or the data set's built-in one where none is given."""
+    return verifier or Verifier(dataset, builtin=dataset)
+
+
 def load_verifier(spec: str) -> Verifier:
     """--reward SPEC: a built-in name, PATH.py:function or module:function."""
     if spec in DATASETS:

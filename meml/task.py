@@ -24,7 +24,7 @@ from meml.inference import load
 from meml.mef import generate_expert_data, verified_answers
 from meml.model import ModelConfig, Transformer
 from meml.prompts import EXPERT_SYSTEM_PROMPTS, expert_prompt, read_system_prompts, response_ids
-from meml.rewards import Verifier, load_verifier
+from meml.rewards import Verifier, load_verifier, verifier_for
 from meml.sampler import stream_key
 from meml.tokenizer import Tokenizer
 
@@ -178,7 +178,7 @@ def reward_of(args, dataset: str) -> Verifier:
         if dataset == "jsonl":
             raise InputError("--dataset jsonl needs --reward: PATH.py:function, module:function or a built-in "
                              "verifier (gsm8k, mathqa, strategyqa)")
-        return Verifier(dataset, builtin=dataset)
+        return verifier_for(dataset)
     return load_verifier(spec)
 
 

@@ -170,89 +170,6 @@ def test_fsdp2_riel_gradients_at_world_size_2_equal_world_size_1(tmp_path, beta,
         assert got["metrics"]["loss/total"] == pytest.approx(single["loss/total"], rel=1e-6)
 
 
-def _lora_worker(rank, tmp):
-    from meml import distributed, lora
-    model, world, _ = _world(tmp)
-    lora.add_lora(model, rank=2, alpha=4.0)
-    _lora_b(model)
-    metrics = _e7_step(model, world, lora.WithoutAdapters(model), REWARDS, SFT_ITEMS, "token_mean")
-    distributed.sum_gradients(model)  # what the trainer does: the adapters' gradients, summed
-    torch.save({"grads": {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, "metrics": metrics},
-               os.path.join(tmp, f"rank{rank}.pt"))
-
-
-def _lora_b(model):
-    from meml import lora
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for m in lora.adapters(model).values():
-            for b in m.B.values():
-                b.copy_(0.3 * torch.randn(b.shape, generator=g))
-
-
-def test_lora_gradients_at_world_size_2_equal_world_size_1(tmp_path):
-    """LoRA replicated over 2 processes (what torchrun runs): the adapters' summed gradients and
-    E7's figures are one process's, with β > 0 against the same model with its adapters off."""
-    from meml import lora
-    run_ranks(_lora_worker, tmp_path)
-    model, world, _ = _world(str(tmp_path))
-    lora.add_lora(model, rank=2, alpha=4.0)
-    _lora_b(model)
-    single = _e7_step(model, world, lora.WithoutAdapters(model), REWARDS, SFT_ITEMS, "token_mean")
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-        assert got["grads"].keys() == grads.keys() and all(".lora." in n for n in grads)
-        for name, g in grads.items():
-            assert torch.allclose(got["grads"][name], g, atol=1e-6, rtol=1e-4), (rank, name)
-        assert got["metrics"]["loss/total"] == pytest.approx(single["loss/total"], rel=2e-5)
-        assert got["metrics"]["loss/ref_kl"] > 0  # the adapters moved the policy off its reference
-
-
-def _dynamic_step(model, world):
-    """riel_step with --dynamic-sampling on test_riel's FOUR questions (2 a step, so 1 per rank):
-    round 0 is [q0 (no signal), q1], round 1 [q2, q3 (no signal)]. The kept batch is [q1, q2]:
-    its first question is rank 1's and its second rank 0's, so a rank's kept questions are no
-    longer the contiguous share in rank order that the plain step has."""
-    from meml import riel
-    from meml.buffer import HardExampleBuffer
-    from meml.config import RielConfig
-    from test_riel import FOUR, GRIDS
-    saved = riel.sample_rollouts, riel.score_rollouts
-    riel.sample_rollouts = lambda model, experts, questions, cfg, key, first_question=0: riel.Rollouts.joined(
-        [make_rollouts(world, [q]) for q in questions])
-    riel.score_rollouts = lambda ro, experts, questions: torch.stack([GRIDS[q.id] for q in questions])
-    try:
-        cfg = RielConfig(group_size=G, lambda1=0.5, micro_batch_size=4, max_new_tokens=14, dynamic_sampling=1)
-        model.zero_grad()
-        return next(riel.riel_step(model, world, FOUR[:2], cfg, 5, HardExampleBuffer(100, 1, G, 0),
-                                   {ex.id: ex for ex in FOUR}, more_examples=lambda k: FOUR[2:]))
-    finally:
-        riel.sample_rollouts, riel.score_rollouts = saved
-
-
-def _dynamic_worker(rank, tmp):
-    from meml import distributed
-    model, world, _ = _world(tmp)
-    metrics = _dynamic_step(model, world)
-    distributed.sum_gradients(model)
-    torch.save({"grads": {n: p.grad for n, p in model.named_parameters()}, "metrics": metrics},
-               os.path.join(tmp, f"rank{rank}.pt"))
-
-
-def test_dynamic_sampling_at_world_size_2_equals_world_size_1(tmp_path):
-    run_ranks(_dynamic_worker, tmp_path)
-    model, world, _ = _world(str(tmp_path))
-    single = _dynamic_step(model, world)
-    assert single["dynamic/kept_questions"] == 2
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        for name, p in model.named_parameters():
-            assert torch.allclose(got["grads"][name], p.grad, atol=1e-6, rtol=1e-4), (rank, name)
-        for key in ("loss/total", "loss/inter_expert_kl", "reward", "buffer/insertions", "dynamic/extra_rollouts"):
-            assert got["metrics"][key] == pytest.approx(single[key], rel=2e-5), key
-
-
 def _buffer_worker(rank, tmp):
     from meml import distributed
     from meml.buffer import HardExampleBuffer
@@ -335,23 +252,6 @@ def test_a_batch_that_does_not_split_over_the_processes_is_an_error_naming_the_f
     assert done.returncode != 0
     assert "train.py: --mef-batch-size: 7 do not split evenly over 2 processes" in done.stderr
     assert "Traceback" not in done.stderr.split("train.py: --mef-batch-size")[0][-2000:]
-
-
-def test_lora_under_torchrun_equals_one_process(tmp_path):
-    """--lora-rank under torchrun, replicated: 2 processes train the same adapters as one (up to
-    the order of the gradient sum, bounded as above), and every checkpoint holds peft's files."""
-    from safetensors.torch import load_file
-    one, two = (_train(tmp_path, name, n, ["--lora-rank", "4"]) for name, n in (("one", 1), ("two", 2)))
-    a, b = (load_file(str(d / "checkpoint-000003" / "adapter_model.safetensors")) for d in (one, two))
-    lines = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
-    adam_bound = 2 * sum(r["lr"] for r in lines)
-    assert a.keys() == b.keys() and any("lora_B" in k for k in a)
-    for name in a:
-        assert (a[name] - b[name]).abs().max() <= adam_bound, name
-        assert (~torch.isclose(a[name], b[name], atol=1e-6, rtol=1e-5)).sum() <= a[name].numel() // 1000 + 1, name
-    assert any(v.abs().max() > 0 for k, v in b.items() if "lora_B" in k)  # the adapters trained
-    single = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
-    assert [r["loss/nll"] for r in lines] == pytest.approx([r["loss/nll"] for r in single], rel=1e-5)
 
 
 RIEL_ARGS = ["--mef-steps", "2", "--riel-steps", "4", "--save-every", "1", "--train-size", "16", "--eval-size", "2",

@@ -5,6 +5,7 @@ adapters' gradients); the merged checkpoint reloaded (for merging); `peft` loadi
 files onto the `transformers` model of the same checkpoint (for the files' layout and meaning).
 """
 import json
+import os
 import sys
 
 import pytest
@@ -18,6 +19,7 @@ from meml.model import ModelConfig, Transformer
 
 sys.path.insert(0, str(REPO_ROOT))
 import train  # noqa: E402
+from test_distributed import REWARDS, SFT_ITEMS, _e7_step, _train, _world, run_ranks  # noqa: E402
 from test_train import TINY, _tiny_hf_checkpoint  # noqa: E402
 
 
@@ -203,3 +205,61 @@ def test_a_bf16_lora_run_trains_fp32_adapters_and_saves_the_merged_model_in_fp32
     assert torch.allclose(merged[f"{name}.weight"] - frozen, delta, atol=1e-6)
     assert train.main(TINY + ["--lora-rank", "4", "--bf16-weights", "--dtype", "bfloat16",
                               "--output", str(tmp_path / "refused")]) == 2
+
+
+# ---- several processes (replicated; --fsdp is refused) ----
+
+def _lora_worker(rank, tmp):
+    from meml import distributed, lora
+    model, world, _ = _world(tmp)
+    lora.add_lora(model, rank=2, alpha=4.0)
+    _lora_b(model)
+    metrics = _e7_step(model, world, lora.WithoutAdapters(model), REWARDS, SFT_ITEMS, "token_mean")
+    distributed.sum_gradients(model)  # what the trainer does: the adapters' gradients, summed
+    torch.save({"grads": {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, "metrics": metrics},
+               os.path.join(tmp, f"rank{rank}.pt"))
+
+
+def _lora_b(model):
+    from meml import lora
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in lora.adapters(model).values():
+            for b in m.B.values():
+                b.copy_(0.3 * torch.randn(b.shape, generator=g))
+
+
+def test_lora_gradients_at_world_size_2_equal_world_size_1(tmp_path):
+    """LoRA replicated over 2 processes (what torchrun runs): the adapters' summed gradients and
+    E7's figures are one process's, with β > 0 against the same model with its adapters off."""
+    from meml import lora
+    run_ranks(_lora_worker, tmp_path)
+    model, world, _ = _world(str(tmp_path))
+    lora.add_lora(model, rank=2, alpha=4.0)
+    _lora_b(model)
+    single = _e7_step(model, world, lora.WithoutAdapters(model), REWARDS, SFT_ITEMS, "token_mean")
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert got["grads"].keys() == grads.keys() and all(".lora." in n for n in grads)
+        for name, g in grads.items():
+            assert torch.allclose(got["grads"][name], g, atol=1e-6, rtol=1e-4), (rank, name)
+        assert got["metrics"]["loss/total"] == pytest.approx(single["loss/total"], rel=2e-5)
+        assert got["metrics"]["loss/ref_kl"] > 0  # the adapters moved the policy off its reference
+
+
+def test_lora_under_torchrun_equals_one_process(tmp_path):
+    """--lora-rank under torchrun, replicated: 2 processes train the same adapters as one (up to
+    the order of the gradient sum, bounded as above), and every checkpoint holds peft's files."""
+    from safetensors.torch import load_file
+    one, two = (_train(tmp_path, name, n, ["--lora-rank", "4"]) for name, n in (("one", 1), ("two", 2)))
+    a, b = (load_file(str(d / "checkpoint-000003" / "adapter_model.safetensors")) for d in (one, two))
+    lines = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    adam_bound = 2 * sum(r["lr"] for r in lines)
+    assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+    for name in a:
+        assert (a[name] - b[name]).abs().max() <= adam_bound, name
+        assert (~torch.isclose(a[name], b[name], atol=1e-6, rtol=1e-5)).sum() <= a[name].numel() // 1000 + 1, name
+    assert any(v.abs().max() > 0 for k, v in b.items() if "lora_B" in k)  # the adapters trained
+    single = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss/nll"] for r in lines] == pytest.approx([r["loss/nll"] for r in single], rel=1e-5)

@@ -185,8 +185,9 @@ def _own_task_run(tmp_path, monkeypatch, extra):
     data = write(tmp_path / "sums.jsonl", records)
     log = tmp_path / "calls.jsonl"
     monkeypatch.setenv("REWARD_LOG", str(log))
+    monkeypatch.chdir(tmp_path)  # the reward named relative to here, as a user types it
     args = ["--model", str(folder), "--dataset", "jsonl", "--data", str(data),
-            "--reward", f"{tmp_path}/counting.py:score", "--output", str(tmp_path / "run"), "--mef-steps", "0", "--riel-steps", "2", "--eval-size", "2",
+            "--reward", "counting.py:score", "--output", str(tmp_path / "run"), "--mef-steps", "0", "--riel-steps", "2", "--eval-size", "2",
             "--pass-k", "0", "--max-new-tokens", "4", "--eval-max-new-tokens", "4", "--questions-per-step", "2",
             "--group-size", "3", "--buffer-k", "1", "--buffer-capacity", "2", "--mef-batch-size", "2", *extra]
     assert train.main(args) == 0
@@ -213,6 +214,7 @@ def test_a_run_on_ones_own_task_reads_its_reward_everywhere(tmp_path, monkeypatc
     info = json.loads((tmp_path / "run" / "meml_run.json").read_text())
     assert info["reward"] == f"{(tmp_path / 'counting.py').resolve()}:score"
     (tmp_path / "calls.jsonl").unlink()
+    monkeypatch.chdir(tmp_path / "run")  # evaluate.py from another folder
     assert evaluate.main(["--model", str(tmp_path / "run" / "checkpoint-000002"), "--pass-k", "0"]) == 0
     assert len((tmp_path / "calls.jsonl").read_text().splitlines()) == 2 * 3
 
@@ -261,18 +263,27 @@ def test_the_examples_files_run_through_train_py(tmp_path, capsys):
     assert "after RIEL" in capsys.readouterr().out
 
 
-def test_review_mends_answers_in_exponent_form_multi_line_errors_and_dataclass_modules(tmp_path):
-    """A JSON float 0.00001 is the answer 0.00001 (str() wrote 1e-05, which the verifier reads as
-    1); an exception's message of several lines stays one line; a reward module may define a
-    dataclass (it is in sys.modules while it runs, as an import would put it)."""
+def test_a_json_float_answer_keeps_its_digits(tmp_path):
+    """0.00001 is the answer 0.00001: str() wrote 1e-05, which the verifier read as 1."""
     (example,) = load_jsonl(write(tmp_path / "d.jsonl", [{"question": "q", "answer": 0.00001}]))
     assert example.answer == "0.00001"
     assert load_verifier("gsm8k")("#### 1", example) == 0.0 and load_verifier("gsm8k")("#### 0.00001", example) == 1.0
-    (tmp_path / "multi.py").write_text(
-        "from __future__ import annotations\nfrom dataclasses import dataclass\n\n@dataclass\nclass Box:\n"
-        "    value: float\n\ndef score(completion, example):\n    return Box(1.0).value\n\n"
-        "def noisy(completion, example):\n    raise ValueError('first line\\nsecond line')\n")
+
+
+MULTI = ("from __future__ import annotations\nfrom dataclasses import dataclass\n\n@dataclass\nclass Box:\n"
+         "    value: float\n\ndef score(completion, example):\n    return Box(1.0).value\n")
+
+
+def test_a_reward_module_may_define_a_dataclass(tmp_path):
+    """The module is in sys.modules while it runs, as an import would put it (dataclasses look it up)."""
+    (tmp_path / "multi.py").write_text(MULTI)
+    (example,) = load_jsonl(write(tmp_path / "d.jsonl", [{"question": "q", "answer": 1}]))
     assert load_verifier(f"{tmp_path / 'multi.py'}:score")("x", example) == 1.0
+
+
+def test_a_reward_error_of_several_lines_is_still_one_line(tmp_path):
+    (tmp_path / "noisy.py").write_text("def noisy(completion, example):\n    raise ValueError('first line\\nsecond line')\n")
+    (example,) = load_jsonl(write(tmp_path / "d.jsonl", [{"question": "q", "answer": 1}]))
     with pytest.raises(InputError) as caught:
-        load_verifier(f"{tmp_path / 'multi.py'}:noisy")("x", example)
+        load_verifier(f"{tmp_path / 'noisy.py'}:noisy")("x", example)
     assert str(caught.value).endswith("raised ValueError: first line")

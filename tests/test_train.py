@@ -510,3 +510,15 @@ def test_dtype_auto_picks_bf16_on_a_gpu_that_has_it_and_fp32_on_the_cpu(capsys):
     explicit = precision_of(argparse.Namespace(dtype="float32", bf16_weights=False), cuda, bf16_supported=True)
     assert (explicit.compute, explicit.tf32) == (torch.float32, False)  # asked for: true fp32
     assert train.parse_args([]).dtype == "auto"
+
+
+def test_the_run_summary_reads_metrics_written_before_a_key_existed(tmp_path):
+    """A run resumed across versions has metrics lines without premise/... (added later): the
+    summary averages over the lines that have a figure instead of stopping the run at its end."""
+    old = {"stage": "riel", "reward": 0.5, "frac_reward_zero_std/expert_0": 1.0, "rewards/expert_0/all_wrong": 0.0,
+           "buffer/insertions": 1, "buffer/sft_triggers": 0}
+    new = {**old, "premise/rescuable": 0.25, "premise/all_wrong": 0.5}
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps(old) + "\n" + json.dumps(new) + "\n")
+    summary = train.summarise_riel(path, 1)
+    assert summary["rescuable"] == 0.25 and summary["all_wrong_questions"] == 0.5 and summary["insertions"] == 2
