@@ -106,7 +106,7 @@ def run(argv=None) -> int:
     r = evaluate_experts(model, tokenizer, examples[:limit], prompts, dataset, verifier=verifier,
                          max_new_tokens=max_new_tokens,
                          batch_size=args.batch_size, pass_k=args.pass_k, seed=seed,
-                         difficulty=synthetic.difficulty_of if dataset == "synthetic" else None)
+                         family=synthetic.family_of if dataset == "synthetic" else None)
     print(f"{r['num_questions']} questions ({source}), {len(prompts)} expert prompts")
     print(format_results({"greedy": r}))
     if args.json and distributed.is_main():

@@ -151,6 +151,9 @@ def check_applicable(args) -> None:
         if unused:
             raise InputError(f"{flag_name(unused[0])} needs --model: without --model the run trains on the "
                              "built-in synthetic world, which brings its own questions, experts and prompts")
+    elif getattr(args, "synthetic_teachers", None) is not None:
+        raise InputError("--synthetic-teachers picks the built-in world's teachers; with --model the expert "
+                         "answers come from --expert-data or --teacher")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,10 +181,10 @@ def evaluate(task: Task, cfg: TrainConfig, precision: Precision, examples: list 
     examples = task.evals if examples is None else examples
     if not examples:
         return None
-    difficulty = synthetic.difficulty_of if task.dataset == "synthetic" else None
+    family = synthetic.family_of if task.dataset == "synthetic" else None
     score = lambda questions, pass_k: evaluate_experts(  # noqa: E731
         task.model, task.tokenizer, questions, task.system_prompts, task.dataset, verifier=task.verifier,
-        max_new_tokens=cfg.eval_max_new_tokens, pass_k=pass_k, seed=cfg.seed, difficulty=difficulty)
+        max_new_tokens=cfg.eval_max_new_tokens, pass_k=pass_k, seed=cfg.seed, family=family)
     training = task.model.training
     with mixed_precision(task.model.output_weight.device.type, precision.compute):
         result = score(examples, cfg.pass_k if full else 0)
@@ -210,8 +213,8 @@ def curve_probe(task: Task, cfg: TrainConfig, precision: Precision, total_steps:
         out = {f"eval/expert_{i}/accuracy": a for i, a in enumerate(r["accuracy"])}
         out.update({"eval/majority_vote": r["majority_vote"], "eval/oracle": r["oracle"],
                     "eval/confidence_choice": r["confidence_choice"], "eval/num_questions": r["num_questions"]})
-        for level, table in r.get("by_difficulty", {}).items():
-            out.update({f"eval/d{level}/expert_{i}/accuracy": a for i, a in enumerate(table["accuracy"])})
+        for family, table in r.get("by_family", {}).items():
+            out.update({f"eval/{family}/expert_{i}/accuracy": a for i, a in enumerate(table["accuracy"])})
         return out
     return probe
 
@@ -267,7 +270,8 @@ def run_riel(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, ch
           f"{len(task.system_prompts)} experts x G={r.group_size}")
     # rollouts draw from keys of (seed, step, question, expert, rollout): nothing to save for
     # resume, the same at any world size (D22); the buffer's coins come from its own generator
-    buffer = HardExampleBuffer(r.buffer_capacity, r.buffer_k, r.group_size, cfg.seed) if r.hard_example_buffer else None
+    buffer = (HardExampleBuffer(r.buffer_capacity, r.buffer_k, r.group_size, cfg.seed, control=r.buffer_control)
+              if r.hard_example_buffer else None)
     # the parts of E7 this run leaves out (weight 0; E6 without a buffer) stay off the progress line
     hidden = [part.metric for name, part in E7_PARTS.items()
               if e7_weights(r)[name] == 0 or (name == "sft" and buffer is None)]

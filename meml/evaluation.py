@@ -115,8 +115,8 @@ def format_results(results: dict[str, dict]) -> str:
     for name, r in rows:
         lines.append(f"{name:<24}" + "".join(f"{a:>10.1%}" for a in r["accuracy"])
                      + _percent(r["majority_vote"]) + f"{r['oracle']:>10.1%}")
-        for level, t in r.get("by_difficulty", {}).items():
-            label = f"  difficulty {level} ({t['num_questions']})"
+        for family, t in r.get("by_family", {}).items():
+            label = f"  {family} ({t['num_questions']})"
             lines.append(f"{label:<24}"
                          + "".join(f"{a:>10.1%}" for a in t["accuracy"])
                          + _percent(t["majority_vote"]) + f"{t['oracle']:>10.1%}")
@@ -137,11 +137,11 @@ def format_results(results: dict[str, dict]) -> str:
 @torch.no_grad()
 def evaluate_experts(model, tokenizer, examples, system_prompts: list[str], dataset: str, *, verifier=None,
                      max_new_tokens: int = 256, batch_size: int = 64, pass_k: int = 0,
-                     seed: int = 0, difficulty=None) -> dict:
+                     seed: int = 0, family=None) -> dict:
     """E8: greedy accuracy per expert prompt, majority vote, oracle, error overlap, the
     confidence choice; and pass@1 / pass@k per expert from `pass_k` samples at temperature 1
-    (skipped when pass_k is 0). `difficulty` (example id -> level, e.g. the synthetic world's
-    `difficulty_of`) adds the same figures per level. "per_question" keeps, for every question,
+    (skipped when pass_k is 0). `family` (example id -> a name, e.g. the synthetic world's
+    `family_of`) adds the same figures per family of questions. "per_question" keeps, for every question,
     each expert's correctness and confidence and whether the vote was right, so any other view
     (paired differences, error overlap of a subset) can be computed from the result alone.
 
@@ -174,12 +174,12 @@ def evaluate_experts(model, tokenizer, examples, system_prompts: list[str], data
     result = {**_table(correct, votes_right, confidence),
               "samples": [{"id": examples[q].id, "expert": i, "text": answers[q][i]}
                           for q in range(min(3, len(examples))) for i in range(len(system_prompts))]}
-    if difficulty is not None:
-        levels = [difficulty(ex.id) for ex in examples]
-        result["by_difficulty"] = {
-            str(level): _table(*[[x for x, lv in zip(column, levels) if lv == level]
-                                 for column in (correct, votes_right, confidence)], overlap=False)
-            for level in sorted(set(levels))}
+    if family is not None:
+        names = [family(ex.id) for ex in examples]
+        result["by_family"] = {
+            str(name): _table(*[[x for x, f in zip(column, names) if f == name]
+                                for column in (correct, votes_right, confidence)], overlap=False)
+            for name in sorted(set(names))}
     result["per_question"] = [{"id": ex.id, "correct": [int(c) for c in ok], "vote": None if v is None else int(v),
                                "confidence": [round(c, 4) for c in conf]}
                               for ex, ok, v, conf in zip(examples, correct, votes_right, confidence)]

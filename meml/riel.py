@@ -65,12 +65,14 @@ def fill_buffer(buffer: HardExampleBuffer, examples, rewards: torch.Tensor,
                 wrong_below: float = 1.0) -> tuple[list, int]:
     """2d, E6's insertions: every (question, expert) group with more than K wrong (reward below
     `wrong_below`) may enter, in question order. Returns the items popped when the buffer filled
-    (possibly several fills, possibly none) and the number of insertions."""
+    (possibly several fills, possibly none) and the number of insertions. A control buffer
+    (--buffer-control) takes a random (question, expert) of the step in place of each."""
     wrong = (rewards < wrong_below).sum(-1)  # [Q, N]
     popped, inserted = [], 0
+    pool = [(ex.id, i) for ex in examples for i in range(wrong.shape[1])]  # what a control buffer draws from
     for q, ex in enumerate(examples):
         for i in range(wrong.shape[1]):
-            inserted += buffer.maybe_add((ex.id, i), int(wrong[q, i]))
+            inserted += buffer.maybe_add((ex.id, i), int(wrong[q, i]), pool)
             if buffer.is_full:
                 popped.extend(buffer.pop_batch())
     return popped, inserted
@@ -237,6 +239,10 @@ def riel_step(model, experts: Experts, examples, cfg: RielConfig, step_key: int,
                **({"dynamic/kept_questions": len(batch.examples),
                    "dynamic/extra_rollouts": (len(sampled.examples) - len(examples)) * grid.reward[0].numel()}
                   if cfg.dynamic_sampling else {}),
+               # what the step cost: every rollout sampled (dynamic sampling's extra ones too), its
+               # tokens, and the tokens of the buffer's SFT targets (reference_runs' compute table)
+               "compute/rollouts": sampled.grid.reward.numel(), "compute/sampled_tokens": int(sampled.grid.length.sum()),
+               "compute/sft_tokens": sum(len(t) for t in sft_targets),
                "time/generation": t1 - t0, "time/scoring": t2 - t1,
                "tokens_per_second": int(sampled.grid.length.sum()) / max(t1 - t0, 1e-9),
                "samples": [{"expert": i, "text": ro.texts[ro.rows[q, i, 0]],

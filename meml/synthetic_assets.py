@@ -14,7 +14,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from meml.hf_checkpoint import atomic_write, write_json
-from meml.synthetic import EXPERT_PROMPTS, TEACHERS, generate_problems
+from meml.synthetic import EXPERT_FORMATS, EXPERT_PROMPTS, FORMATS, generate_problems, teacher, write
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # pad / turn start / eos
 # Plain ChatML with a real system role and no default system prompt.
@@ -35,12 +35,14 @@ MODEL_SIZES = dict(hidden_size=96, intermediate_size=288, num_hidden_layers=3,
 
 
 def world_text(seed: int = 0, n: int = 600) -> list[str]:
-    """Text the tokenizer is trained on: prompts, questions, the three teachers' answers, roles."""
+    """Text the tokenizer is trained on: prompts, questions, every format's solutions (with and
+    without the blind spots), roles."""
     problems = generate_problems(n, "train", seed)
     texts = list(EXPERT_PROMPTS) + ["system\n", "user\n", "assistant\n"]
     for p in problems:
         texts.append(p.question())
-        texts.extend(teach(p) for teach in TEACHERS)
+        texts.extend(write(p, fmt) for fmt in FORMATS)
+        texts.extend(teacher(i, p) for i in range(len(EXPERT_FORMATS)))
     return texts
 
 

@@ -105,7 +105,8 @@ def build_task(args, cfg: TrainConfig, run_dir: Path, device, precision: Precisi
     if args.model is None:  # the built-in synthetic world: assets written once into the run folder
         model_dir = synthetic_assets.write_synthetic_assets(run_dir / "synthetic", seed=cfg.seed)
         pool_size = synthetic_eval_pool(cfg)
-        train, pool, answers = synthetic.load_synthetic(n_eval=pool_size, seed=cfg.seed)
+        train, pool, answers = synthetic.load_synthetic(n_eval=pool_size, seed=cfg.seed,
+                                                            teachers=cfg.synthetic_teachers)
         evals, eval_source = pool[:cfg.eval_size], "synthetic"
         devs = pool[cfg.eval_size:cfg.eval_size + cfg.dev_size]
         prompts, dataset = list(synthetic.EXPERT_PROMPTS), "synthetic"

@@ -4,46 +4,60 @@
     python reference_runs/report.py --no-plots # README.md only
 
 Every number in the README is computed here from reference_runs/runs/<name>/{run.json,
-results.json, metrics.jsonl}; no figure is typed by hand. tests/test_reference_runs.py checks
-that this script, run on the committed folders, gives the committed README byte for byte.
+results.json, metrics.jsonl} (and the premise's teacher figures from meml/synthetic.py itself);
+no figure is typed by hand, and the reading's verdicts are computed with their numbers.
+tests/test_reference_runs.py checks that this script, run on the committed folders, gives the
+committed README byte for byte.
 
-Statistics. A method's figure is the mean over its seeds (± the seeds' standard deviation). A
-paired difference A − B compares two methods on the same seeds (same synthetic world, same MEF
-checkpoint where both start from one, same 1000 held-out questions) and carries two standard
-errors: over seeds (the s.d. of the per-seed differences / √seeds: training noise) and over
-questions (per seed, the s.d. of the per-question differences / √questions, combined over
-seeds: evaluation noise). A difference counts as real when it exceeds twice the larger of the two.
+Statistics (reference_runs/stats.py). A method's figure is the mean over its seeds (± the seeds'
+standard deviation). A comparison A − B pairs the two methods' runs by seed (same synthetic
+world, same SFT start where both start from one, same 1000 held-out questions); its interval is
+the paired t interval over seeds (95 %, t at seeds − 1 degrees of freedom). Beside it, the
+question-level standard error (per seed the s.d. of the per-question differences / √questions,
+combined over seeds) shows how much of the spread evaluation alone would give. Each comparison
+is made on two views: the expert chosen on the dev split (the paper's inference mode: one model,
+one prompt) and the mean over experts.
 """
 import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
-from meml import plots  # noqa: E402
-from reading import READING  # noqa: E402  (the hand-written reading: words, no numbers)
-from runs import plan  # noqa: E402
+from meml import plots, synthetic  # noqa: E402
+from meml.config import PRESETS, SYNTHETIC_SETTINGS, RielConfig  # noqa: E402
+from meml.rewards import verifier_for  # noqa: E402
+from reading import READING  # noqa: E402  (the hand-written words; every number and verdict is computed)
+from runs import PRIMARY, SEEDS, plan  # noqa: E402
+from stats import paired_t  # noqa: E402
 
-LEVELS = ("1", "2", "3")
-SFT_METHODS = ["Expert0-SFT", "Expert1-SFT", "Expert2-SFT", "MoE-SFT"]
-RIEL_METHODS = ["Expert0-SFT-GRPO", "Expert1-SFT-GRPO", "Expert2-SFT-GRPO",
-                "Expert0-SFT-Dr.GRPO", "Expert1-SFT-Dr.GRPO", "Expert2-SFT-Dr.GRPO",
-                "MoE-SFT-GRPO", "MoE-SFT-Dr.GRPO", "MEML-GRPO"]
-ABLATIONS = ["MEML-GRPO E3 only", "MEML-GRPO w/o inter-expert", "MEML-GRPO w/o buffer", "MEML-GRPO w/o MEF"]
-PAIRS = [  # (A, B, what A − B measures)
-    ("MEML-GRPO", "MoE-SFT-GRPO", "MEML against GRPO from the same MEF checkpoint"),
-    ("MEML-GRPO", "MoE-SFT-Dr.GRPO", "MEML against Dr.GRPO from the same MEF checkpoint"),
-    ("MEML-GRPO w/o inter-expert", "MEML-GRPO E3 only", "the buffer (E6) alone"),
-    ("MEML-GRPO w/o buffer", "MEML-GRPO E3 only", "the inter-expert term (E5) alone"),
-    ("MEML-GRPO", "MEML-GRPO w/o inter-expert", "E5 on top of E6"),
-    ("MEML-GRPO", "MEML-GRPO w/o buffer", "E6 on top of E5"),
-    ("MEML-GRPO", "MEML-GRPO w/o MEF", "MEF (stage 1) before MEML's RIEL"),
+FAMILIES = synthetic.BLIND_SPOTS  # the one-kind families; expert i's teacher is blind to FAMILIES[i]
+SFT_METHODS = ["Expert0-SFT", "Expert1-SFT", "Expert2-SFT", "MoE-SFT", "MoE-SFT, equal steps per format",
+               "Gold-SFT"]
+RIEL_METHODS = ["MoE-SFT-GRPO", "MoE-SFT-Dr.GRPO", "MoE-SFT-GRPO + dynamic sampling", "MEML-GRPO",
+                "MEML-GRPO buffer control", "MEML-GRPO w/o buffer", "MEML-GRPO w/o inter-expert",
+                "MEML-GRPO E3 only", "MEML-GRPO w/o MEF"]
+SINGLE = {  # one model per expert, taken together: (its runs' group, with "{x}" for the expert)
+    "Single expert, SFT": "Expert{x}-SFT",
+    "Single expert, GRPO": "Expert{x}-SFT-GRPO",
+    "Single expert, N x G rollouts": "Expert{x}-SFT-GRPO, N x G rollouts",
+}
+SECONDARY = [  # (A, B, what A − B measures): read beside the primary ones, not counted with them
+    ("MEML-GRPO", "MEML-GRPO start", "what MEML's RIEL adds to its MoE-SFT start"),
+    ("MEML-GRPO", "MoE-SFT-Dr.GRPO", "MEML against Dr.GRPO from the same start"),
+    ("MEML-GRPO", "MEML-GRPO w/o buffer", "the buffer (E6) on top of E5"),
+    ("MEML-GRPO", "MEML-GRPO w/o inter-expert", "the inter-expert term (E5) on top of E6"),
+    ("MEML-GRPO w/o inter-expert", "MEML-GRPO E3 only", "the buffer alone"),
+    ("MEML-GRPO w/o buffer", "MEML-GRPO E3 only", "the inter-expert term alone"),
+    ("MoE-SFT-GRPO + dynamic sampling", "MoE-SFT-GRPO", "dynamic sampling on top of GRPO"),
+    ("MoE-SFT", "Single expert, SFT", "the paper's MEF claim: one model on all teachers, or one per teacher"),
+    ("MoE-SFT, equal steps per format", "MoE-SFT", "MoE-SFT given each format as many steps as ExpertX-SFT"),
 ]
-LAMBDAS = (0.0, 0.01, 0.03, 0.1, 0.3)
-VARIANTS = ("sequence", "token_mean")
+LEVEL = 0.95
+EPS = 1e-9  # thresholds are met by k/n fractions: 0.9 − 0.8 is 0.0999… in floats
 
 
 @dataclass
@@ -51,7 +65,7 @@ class Run:
     name: str
     info: dict      # run.json
     results: dict   # results.json
-    folder: Path
+    folder: Path | None
 
     @property
     def group(self) -> str:
@@ -72,17 +86,47 @@ class Run:
         return r.get("before RIEL") or (r.get("after MEF") if r.get("after RIEL") else None)
 
     def metrics(self) -> list[dict]:
-        return plots.read_metrics(self.folder / "metrics.jsonl")
+        return plots.read_metrics(self.folder / "metrics.jsonl") if self.folder else []
 
 
 def load_runs(folder: Path) -> dict[str, list[Run]]:
-    """group -> its runs, in seed order."""
+    """group -> its runs, in seed order; plus each group's start ("X start": its runs' first
+    evaluation) and the one-model-per-expert groups of SINGLE."""
     groups: dict[str, list[Run]] = {}
     for run_dir in sorted(p for p in folder.iterdir() if (p / "results.json").exists()):
         run = Run(run_dir.name, json.loads((run_dir / "run.json").read_text()),
                   json.loads((run_dir / "results.json").read_text()), run_dir)
         groups.setdefault(run.group, []).append(run)
-    return {g: sorted(runs, key=lambda r: r.seed) for g, runs in groups.items()}
+    return with_derived({g: sorted(runs, key=lambda r: r.seed) for g, runs in groups.items()})
+
+
+def with_derived(groups: dict[str, list[Run]]) -> dict[str, list[Run]]:
+    out = dict(groups)
+    for name in RIEL_METHODS:
+        if name in groups:
+            out[f"{name} start"] = [Run(r.name, r.info, {"results": {"after MEF": r.start}}, None) for r in groups[name]]
+    for name, pattern in SINGLE.items():
+        per_expert = [{r.seed: r for r in groups.get(pattern.format(x=x), [])} for x in range(3)]
+        seeds = sorted(set.intersection(*(set(runs) for runs in per_expert)))
+        if seeds:
+            out[name] = [Run(f"{name} s{s}", {"group": name, "seed": s},
+                             {"results": {"after MEF": one_per_expert([runs[s].final for runs in per_expert])}}, None)
+                         for s in seeds]
+    return out
+
+
+def one_per_expert(results: list[dict]) -> dict:
+    """Three single-expert models' results as one three-expert result: each question's
+    correctness per model, and the dev choice among the models (ties: the lowest index)."""
+    dev = [r["dev_choice"]["dev_accuracy"][0] for r in results]
+    chosen = dev.index(max(dev))
+    rows = [{"id": rows[0]["id"], "correct": [row["correct"][0] for row in rows]}
+            for rows in zip(*(r["per_question"] for r in results))]
+    return {"accuracy": [r["accuracy"][0] for r in results], "per_question": rows,
+            "oracle": mean([float(any(row["correct"])) for row in rows]),
+            "dev_choice": {"dev_accuracy": dev, "expert": chosen, "accuracy": results[chosen]["accuracy"][0]},
+            "by_family": {f: {"accuracy": [r["by_family"][f]["accuracy"][0] for r in results]}
+                          for f in results[0].get("by_family", {})}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,62 +154,162 @@ def mean_expert(result: dict) -> float:
     return mean(result["accuracy"])
 
 
-def per_question(result: dict, level: str | None = None) -> list[float]:
-    """Per question: the fraction of experts that are right (optionally one difficulty level)."""
-    rows = result["per_question"]
-    if level is not None:
-        rows = [r for r in rows if r["id"].split("-")[2] == f"d{level}"]
-    return [mean(r["correct"]) for r in rows]
+def dev_chosen(result: dict) -> float:
+    return result["dev_choice"]["accuracy"]
 
 
-def vote_per_question(result: dict) -> list[float]:
-    return [float(r["vote"]) for r in result["per_question"]]
-
-
-def oracle_per_question(result: dict) -> list[float]:
-    return [float(any(r["correct"])) for r in result["per_question"]]
+VIEWS = {  # name -> (one number of a result, its per-question correctness)
+    "dev-chosen expert": (dev_chosen, lambda r: [float(q["correct"][r["dev_choice"]["expert"]])
+                                                 for q in r["per_question"]]),
+    "mean expert": (mean_expert, lambda r: [mean(q["correct"]) for q in r["per_question"]]),
+}
 
 
 @dataclass
 class Paired:
-    diff: float
-    se_seeds: float
+    """A − B over the seeds both have: the paired t interval over seeds, and the standard error
+    that the questions alone would give."""
+    diffs: list[float]          # per seed
     se_questions: float
-    seeds: int
+    low: float = field(init=False)
+    high: float = field(init=False)
+    p: float = field(init=False)
+
+    def __post_init__(self):
+        _, self.low, self.high, self.p = paired_t(self.diffs, LEVEL)
 
     @property
-    def se(self) -> float:
-        return max(x for x in (self.se_seeds, self.se_questions) if not math.isnan(x))
+    def diff(self) -> float:
+        return mean(self.diffs)
 
-    def verdict(self) -> str:
-        if abs(self.diff) <= 2 * self.se:
-            return "within noise"
-        return "A better" if self.diff > 0 else "B better"
+    @property
+    def seeds(self) -> int:
+        return len(self.diffs)
+
+    def verdict(self, comparisons: int = 1) -> str:
+        """"A better" / "B better" when the 95 % interval excludes 0 (and, with several
+        comparisons, "(holds at 0.05 / comparisons)" when p is below that too)."""
+        if self.seeds < 2 or self.low <= 0 <= self.high:
+            return "not shown"
+        word = "A better" if self.diff > 0 else "B better"
+        if comparisons > 1:
+            word += " (Bonferroni: holds)" if self.p < 0.05 / comparisons else " (Bonferroni: not shown)"
+        return word
 
     def __str__(self) -> str:
-        seeds = "–" if math.isnan(self.se_seeds) else f"{100 * self.se_seeds:.1f}"
-        return f"{100 * self.diff:+.1f} (s.e. {seeds} / {100 * self.se_questions:.1f})"
+        if self.seeds < 2:
+            return f"{100 * self.diff:+.1f} (one seed)"
+        return (f"{100 * self.diff:+.1f} [{100 * self.low:+.1f}, {100 * self.high:+.1f}], p = {self.p:.3f}; "
+                f"s.e. questions {100 * self.se_questions:.1f}")
 
 
-def paired(a: list[Run], b: list[Run], per_q, which=("final", "final")) -> Paired | None:
-    """A − B over the seeds both have, each seed a per-question paired difference."""
+def paired(a: list[Run], b: list[Run], view: str) -> Paired | None:
+    number, per_question = VIEWS[view]
     b_by_seed = {r.seed: r for r in b}
-    pairs = [(ra, b_by_seed[ra.seed]) for ra in a if ra.seed in b_by_seed]
+    pairs = [(ra.final, b_by_seed[ra.seed].final) for ra in a if ra.seed in b_by_seed]
     if not pairs:
         return None
-    means, variances = [], []
+    variances = []
     for ra, rb in pairs:
-        qa, qb = per_q(getattr(ra, which[0])), per_q(getattr(rb, which[1]))
-        d = [x - y for x, y in zip(qa, qb)]
-        means.append(mean(d))
+        d = [x - y for x, y in zip(per_question(ra), per_question(rb))]
         variances.append(sd(d) ** 2 / len(d))
-    se_seeds = sd(means) / math.sqrt(len(means)) if len(means) > 1 else float("nan")
-    return Paired(mean(means), se_seeds, math.sqrt(sum(variances)) / len(means), len(means))
+    return Paired([number(ra) - number(rb) for ra, rb in pairs], math.sqrt(sum(variances)) / len(pairs))
 
 
 def expert_of(run: Run) -> int | None:
-    words = run.info["command"].split()
+    words = run.info.get("command", "").split()
     return int(words[words.index("--expert") + 1]) if "--expert" in words else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The premise (issue 23): checked before any comparison is read
+
+def teacher_overlap(seeds) -> dict:
+    """The teachers' errors on each seed's training questions (meml/synthetic.py's world as
+    train.py builds it, judged by the verifier D1 uses): each teacher's error rate, and the share
+    of questions wrong for two or more."""
+    rates, both, verifier = [], [], verifier_for("synthetic")
+    for s in seeds:
+        train, _, answers = synthetic.load_synthetic(seed=s)
+        by_id = {ex.id: ex for ex in train}
+        wrong: dict[str, list[int]] = {}
+        for a in answers:
+            wrong.setdefault(a.id, []).append(int(verifier(a.response, by_id[a.id]) != 1.0))
+        rows = list(wrong.values())
+        rates.append([mean([row[i] for row in rows]) for i in range(3)])
+        both.append(mean([float(sum(row) >= 2) for row in rows]))
+    return {"rates": [mean([r[i] for r in rates]) for i in range(3)], "overlap": mean(both)}
+
+
+def blind_spot_margins(runs: list[Run]) -> dict[str, float]:
+    """Per one-kind family, after MoE-SFT: how far the experts whose teachers solve it are ahead
+    of the expert whose teacher is blind to it (the lower of the two margins; mean over seeds)."""
+    out = {}
+    for blind, family in enumerate(FAMILIES):
+        margins = []
+        for r in runs:
+            acc = r.final["by_family"][family]["accuracy"]
+            margins.append(min(acc[i] for i in range(3) if i != blind) - acc[blind])
+        out[family] = mean(margins)
+    return out
+
+
+def metric_mean(runs: list[Run], key: str) -> float | None:
+    values = [m[key] for r in runs for m in r.metrics() if key in m]
+    return mean(values) if values else None
+
+
+@dataclass
+class Check:
+    what: str
+    figure: str
+    holds: bool | None   # None: its runs are not there yet
+
+
+def premise_checks(groups) -> list[Check]:
+    checks = []
+    seeds = sorted({r.seed for r in groups.get("MoE-SFT", [])}) or list(SEEDS)
+    t = teacher_overlap(seeds)
+    checks.append(Check("the teachers err on different questions: two or more wrong on under 10 % of the "
+                        "training questions (the paper's teachers: 3.06 %)",
+                        f"{pct(t['overlap'])} % wrong for two or more; each teacher wrong on "
+                        + " / ".join(f"{pct(x)} %" for x in t["rates"]), t["overlap"] < 0.10))
+    fmt = [groups.get(f"Expert{x}-SFT, no blind spot", []) for x in range(3)]
+    if all(fmt):
+        means = [mean([r.final["accuracy"][0] for r in runs]) for runs in fmt]
+        checks.append(Check("no format is privileged: each teacher's format without its blind spot, learned "
+                            "alone at equal steps, within 5 points of the others",
+                            " / ".join(f"{pct(m)} %" for m in means) + f" (spread {100 * (max(means) - min(means)):.1f})",
+                            max(means) - min(means) <= 0.05 + EPS))
+    else:
+        checks.append(Check("no format is privileged (format learnability runs)", "not run yet", None))
+    moe = groups.get("MoE-SFT", [])
+    if moe:
+        margins = blind_spot_margins(moe)
+        checks.append(Check("after MoE-SFT each expert is ahead on its teacher's strong families: on every "
+                            "family, the experts taught it lead the blind one by at least 10 points",
+                            "; ".join(f"{f}: {100 * m:+.1f}" for f, m in margins.items()),
+                            min(margins.values()) >= 0.10 - EPS))
+    else:
+        checks.append(Check("after MoE-SFT each expert is ahead on its teacher's strong families", "not run yet", None))
+    grpo = groups.get("MoE-SFT-GRPO", [])
+    rescuable, all_wrong = metric_mean(grpo, "premise/rescuable"), metric_mean(grpo, "premise/all_wrong")
+    checks.append(Check("reward sparsity that other experts can rescue: during GRPO from MoE-SFT, on at least "
+                        "10 % of questions one expert's G rollouts are all wrong while another's has a right one",
+                        "not run yet" if rescuable is None else
+                        f"{pct(rescuable)} % of questions (all N x G wrong: {pct(all_wrong)} %)",
+                        None if rescuable is None else rescuable >= 0.10 - EPS))
+    gain = paired(grpo, groups.get("MoE-SFT-GRPO start", []), "mean expert") if grpo else None
+    checks.append(Check("RL matters: GRPO raises its MoE-SFT start's held-out accuracy (mean expert) by at "
+                        f"least 5 points over {len(SEEDS)} seeds, the interval above 0",
+                        "not run yet" if gain is None else f"{gain} ({gain.seeds} seeds)",
+                        None if gain is None else (gain.diff >= 0.05 - EPS and gain.low > 0 and gain.seeds >= len(SEEDS))))
+    return checks
+
+
+def premise_table(checks: list[Check]) -> str:
+    word = {True: "**holds**", False: "**does not hold**", None: "–"}
+    return table(["premise", "measured", ""], [[c.what, c.figure, word[c.holds]] for c in checks])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,177 +320,117 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def listed(groups, names) -> list[str]:
+    return [n for n in names if groups.get(n)]
+
+
 def main_table(groups) -> str:
     rows = []
-    for method in SFT_METHODS + RIEL_METHODS + ABLATIONS:
-        runs = groups.get(method)
-        if not runs:
-            continue
+    for method in listed(groups, SFT_METHODS + RIEL_METHODS + list(SINGLE)):
+        runs = groups[method]
         x = expert_of(runs[0])
-        experts = []
-        for i in range(3):
-            if x is None:
-                experts.append(mean_sd([r.final["accuracy"][i] for r in runs]))
-            else:
-                experts.append(mean_sd([r.final["accuracy"][0] for r in runs]) if i == x else "")
+        if x is not None:
+            experts = [mean_sd([r.final["accuracy"][0] for r in runs]) if i == x else "" for i in range(3)]
+        else:
+            experts = [mean_sd([r.final["accuracy"][i] for r in runs]) for i in range(3)]
         multi = x is None
-        rows.append([method, str(len(runs)), *experts,
+        rows.append([method, str(len(runs)), *experts, mean_sd([dev_chosen(r.final) for r in runs]),
                      mean_sd([mean_expert(r.final) for r in runs]),
-                     mean_sd([max(r.final["accuracy"]) for r in runs]),
-                     mean_sd([r.final["majority_vote"] for r in runs]) if multi else "",
                      mean_sd([r.final["oracle"] for r in runs]) if multi else ""])
-    return table(["method", "seeds", "expert 0", "expert 1", "expert 2", "mean expert", "best expert",
-                  "majority", "oracle"], rows)
-
-
-def difficulty_table(groups) -> str:
-    rows = []
-    for method in SFT_METHODS + RIEL_METHODS + ABLATIONS:
-        runs = groups.get(method)
-        if not runs:
-            continue
-        cells = []
-        for level in LEVELS:
-            cells.append(mean_sd([mean_expert(r.final["by_difficulty"][level]) for r in runs]))
-        for level in LEVELS[1:]:
-            cells.append(mean_sd([r.final["by_difficulty"][level]["oracle"] for r in runs])
-                         if expert_of(runs[0]) is None else "")
-        rows.append([method, *cells])
-    return table(["method", "d1 mean expert", "d2 mean expert", "d3 mean expert", "d2 oracle", "d3 oracle"], rows)
-
-
-def riel_gain_table(groups) -> str:
-    """What RIEL adds to the checkpoint it starts from, paired on the same questions."""
-    rows = []
-    for method in RIEL_METHODS + ABLATIONS:
-        runs = groups.get(method)
-        if not runs:
-            continue
-        cells = [str(paired(runs, runs, per_question, ("final", "start")))]
-        for level in LEVELS[1:]:
-            cells.append(str(paired(runs, runs, lambda r, lv=level: per_question(r, lv), ("final", "start"))))
-        rows.append([method, mean_sd([mean_expert(r.start) for r in runs]), *cells])
-    return table(["method", "start: mean expert", "RIEL gain, mean expert", "gain on d2", "gain on d3"], rows)
-
-
-def pairs_table(groups) -> str:
-    rows = []
-    for a, b, what in PAIRS:
-        if a not in groups or b not in groups:
-            continue
-        p = paired(groups[a], groups[b], per_question)
-        hard = paired(groups[a], groups[b], lambda r: per_question(r, "2") + per_question(r, "3"))
-        vote = paired(groups[a], groups[b], vote_per_question)
-        oracle = paired(groups[a], groups[b], oracle_per_question)
-        rows.append([f"{a} − {b}", what, str(p.seeds), str(p), p.verdict(), str(hard), hard.verdict(),
-                     str(vote), str(oracle)])
-    return table(["A − B", "measures", "seeds", "mean expert", "verdict", "mean expert, d2 + d3", "verdict", "majority",
+    return table(["method", "seeds", "expert 0", "expert 1", "expert 2", "dev-chosen expert", "mean expert",
                   "oracle"], rows)
 
 
-LADDER = [("MoE-SFT", "MoE-SFT (no RIEL)"), ("MEML-GRPO E3 only", "RIEL with E3 only"),
-          ("MEML-GRPO w/o inter-expert", "+ buffer (E6)"), ("MEML-GRPO w/o buffer", "+ inter-expert (E5)"),
-          ("MEML-GRPO", "+ both: MEML-GRPO")]
-
-
-def ladder_table(groups) -> str:
-    """The paper's ablation ladder, every rung from the same MEF checkpoints; Δ against the rung
-    of E3 alone, paired."""
+def family_table(groups) -> str:
+    """Where the accuracy is: each expert on its teacher's blind family, and elsewhere."""
     rows = []
-    base = groups.get("MEML-GRPO E3 only")
-    hard = lambda r: per_question(r, "2") + per_question(r, "3")  # noqa: E731
-    for group, label in LADDER:
-        runs = groups.get(group)
-        if not runs:
+    for method in listed(groups, ["MoE-SFT", "Gold-SFT"] + RIEL_METHODS + list(SINGLE)):
+        runs = groups[method]
+        if "by_family" not in runs[0].final:
             continue
-        delta = paired(runs, base, per_question) if base and group != "MEML-GRPO E3 only" else None
-        delta_hard = paired(runs, base, hard) if delta else None
-        rows.append([label, str(len(runs)), mean_sd([mean_expert(r.final) for r in runs]),
-                     mean_sd([mean(hard(r.final)) for r in runs]),
-                     mean_sd([r.final["majority_vote"] for r in runs]), mean_sd([r.final["oracle"] for r in runs]),
-                     str(delta) if delta else "", str(delta_hard) if delta_hard else ""])
-    return table(["rung", "seeds", "mean expert", "mean expert, d2 + d3", "majority", "oracle",
-                  "Δ mean expert vs E3 only", "Δ d2 + d3 vs E3 only"], rows)
+        blind = [mean([r.final["by_family"][f]["accuracy"][i] for i, f in enumerate(FAMILIES)]) for r in runs]
+        strong = [mean([r.final["by_family"][f]["accuracy"][i] for i in range(3) for f in FAMILIES
+                        if f != FAMILIES[i]]) for r in runs]
+        cells = [mean_sd([mean(r.final["by_family"][f]["accuracy"]) for r in runs]) for f in FAMILIES]
+        rows.append([method, mean_sd(blind), mean_sd(strong), *cells])
+    return table(["method", "each expert on its blind family", "each expert elsewhere (one-kind families)",
+                  *[f"{f}: mean expert" for f in FAMILIES]], rows)
 
 
-def sweep_group(lambda1: float, variant: str) -> str:
-    if lambda1 == 0:
-        return "MEML-GRPO w/o inter-expert"
-    if lambda1 == 0.1 and variant == "sequence":
-        return "MEML-GRPO"
-    return f"λ1={lambda1} {variant}"
-
-
-def sweep_table(groups) -> str:
+def comparisons_table(groups, pairs, counted: int) -> str:
     rows = []
-    base = groups.get(sweep_group(0, "sequence"))
-    for lambda1 in LAMBDAS:
+    for a, b, what in pairs:
+        if not groups.get(a) or not groups.get(b):
+            rows.append([f"{a} − {b}", what, "–", "not run yet", "", "", ""])
+            continue
         cells = []
-        for variant in VARIANTS:
-            runs = groups.get(sweep_group(lambda1, variant))
-            if not runs:
-                cells += ["", "", ""]
-                continue
-            cells.append(f"{mean_sd([mean_expert(r.final) for r in runs])} ({len(runs)} seed{'s' * (len(runs) > 1)})")
-            d = paired(runs, base, lambda r: per_question(r, "2") + per_question(r, "3")) if base and lambda1 else None
-            cells.append(str(d) if d else "")
-            cells.append(loss_scale(runs, lambda1) if lambda1 else "")
-        rows.append([str(lambda1), *cells])
-    return table(["λ1", "sum: mean expert", "sum: Δ d2+d3 vs λ1 = 0", "sum: λ1·E5 / E3",
-                  "per token: mean expert", "per token: Δ d2+d3 vs λ1 = 0", "per token: λ1·E5 / E3"], rows)
+        for view in VIEWS:
+            p = paired(groups[a], groups[b], view)
+            cells += [str(p), p.verdict(counted)]
+        rows.append([f"{a} − {b}", what, str(paired(groups[a], groups[b], "mean expert").seeds), *cells])
+    return table(["A − B", "question", "seeds", "dev-chosen expert: points [95 % t interval]", "verdict",
+                  "mean expert: points [95 % t interval]", "verdict"], rows)
 
 
-def loss_scale(runs: list[Run], lambda1: float) -> str:
-    """Mean λ1·L_KL over steps against the mean |L_GRPO|: how much E5 weighs in E7."""
-    kl, policy = [], []
-    for r in runs:
-        rows = [m for m in r.metrics() if "loss/policy" in m]
-        kl += [lambda1 * m["loss/inter_expert_kl"] for m in rows]
-        policy += [abs(m["loss/policy"]) for m in rows]
-    return f"{mean(kl) / mean(policy):.1f}x" if mean(policy) > 0 else "–"
+def weights(run: Run) -> tuple[float, float]:
+    """(λ1, λ2) of a run: its command's, else the defaults."""
+    words, r = run.info.get("command", "").split(), RielConfig()
+    get = lambda flag, default: float(words[words.index(flag) + 1]) if flag in words else default  # noqa: E731
+    return get("--lambda1", r.lambda1), get("--lambda2", r.lambda2)
+
+
+def compute_table(groups) -> str:
+    """What each RIEL method spent, per run (mean over seeds), and how its loss was made up."""
+    rows = []
+    for method in listed(groups, RIEL_METHODS + [p.format(x=x) for p in list(SINGLE.values())[1:] for x in range(3)]):
+        runs = groups[method]
+        per_run = lambda key: mean([sum(m.get(key, 0) for m in r.metrics()) for r in runs])  # noqa: E731
+        steps = [m for r in runs for m in r.metrics() if "loss/policy" in m]
+        if not steps:
+            continue
+        sft_steps = mean([float(m["buffer/sft_items"] > 0) for m in steps])
+        lambda1, lambda2 = weights(runs[0])
+        policy = mean([abs(m["loss/policy"]) for m in steps])
+        kl = mean([lambda1 * m["loss/inter_expert_kl"] for m in steps])
+        sft = [lambda2 * m["loss/sft"] for m in steps if m["buffer/sft_items"] > 0]
+        ratio = lambda x: f"{x / policy:.1f}x" if policy > 0 and x else "–"  # noqa: E731
+        rows.append([method, f"{per_run('compute/rollouts'):,.0f}", f"{per_run('compute/sampled_tokens'):,.0f}",
+                     f"{per_run('buffer/sft_items'):,.0f}", f"{per_run('compute/sft_tokens'):,.0f}",
+                     f"{100 * sft_steps:.0f} %", ratio(kl), ratio(mean(sft)) if sft else "–"])
+    return table(["method", "rollouts", "sampled tokens", "gold SFT items", "SFT tokens", "steps with buffer SFT",
+                  "λ1·E5 / |E3| (mean over steps)", "λ2·E6 / |E3| (on SFT steps)"], rows)
+
+
+def sparsity_table(groups) -> str:
+    rows = []
+    for method in listed(groups, RIEL_METHODS):
+        rescuable = metric_mean(groups[method], "premise/rescuable")
+        if rescuable is None:
+            continue
+        rows.append([method, pct(rescuable), pct(metric_mean(groups[method], "premise/all_wrong"))])
+    return table(["method", "one expert all wrong, another right (% of questions)", "all N x G wrong (%)"], rows)
 
 
 def label_free_table(groups) -> str:
     rows = []
-    for method in ["MoE-SFT"] + [m for m in RIEL_METHODS + ABLATIONS if not m.startswith("Expert")]:
-        runs = groups.get(method)
-        if not runs:
-            continue
-        rows.append([method,
-                     mean_sd([max(r.final["accuracy"]) for r in runs]),
-                     mean_sd([r.final["dev_choice"]["accuracy"] for r in runs]),
+    for method in listed(groups, ["MoE-SFT"] + RIEL_METHODS):
+        runs = groups[method]
+        best = [max(r.final["accuracy"]) for r in runs]
+        hits = sum(r.final["accuracy"][r.final["dev_choice"]["expert"]] == max(r.final["accuracy"]) for r in runs)
+        rows.append([method, mean_sd(best), mean_sd([dev_chosen(r.final) for r in runs]), f"{hits} of {len(runs)}",
                      mean_sd([r.final["confidence_choice"] for r in runs]),
-                     mean_sd([r.final["majority_vote"] for r in runs]),
-                     mean_sd([r.final["oracle"] for r in runs]),
-                     mean_sd([mean_expert(r.final) for r in runs])])
-    return table(["method", "best expert (chosen on the eval labels)", "best on dev (300)",
-                  "most confident per question", "majority", "oracle", "mean expert"], rows)
-
-
-def overlap_counts(result: dict) -> dict:
-    wrong = [3 - sum(r["correct"]) for r in result["per_question"]]
-    only = [sum(1 for r in result["per_question"] if sum(r["correct"]) == 2 and not r["correct"][i])
-            for i in range(3)]
-    return {"all": wrong.count(3), "two": wrong.count(2), "one": wrong.count(1), "only": only,
-            "oracle_gain": result["oracle"] - max(result["accuracy"])}
+                     mean_sd([r.final["majority_vote"] for r in runs]), mean_sd([r.final["oracle"] for r in runs])])
+    return table(["method", "best expert (on the eval labels)", "dev-chosen expert", "dev choice = best",
+                  "most confident per question", "majority", "oracle"], rows)
 
 
 def overlap_table(groups) -> str:
     rows = []
-    for method in ["MoE-SFT"] + [m for m in RIEL_METHODS + ABLATIONS if not m.startswith("Expert")]:
-        runs = groups.get(method)
-        if not runs:
-            continue
-        stages = [("final", "after MEF")] if method == "MoE-SFT" else [("start", "before RIEL"), ("final", "after RIEL")]
-        for when, label in stages:
-            counts = [overlap_counts(getattr(r, when)) for r in runs]
-            rows.append([method, label,
-                         f"{mean([c['all'] for c in counts]):.0f}", f"{mean([c['two'] for c in counts]):.0f}",
-                         f"{mean([c['one'] for c in counts]):.0f}",
-                         " / ".join(f"{mean([c['only'][i] for c in counts]):.0f}" for i in range(3)),
-                         mean_sd([c["oracle_gain"] for c in counts])])
-    return table(["method", "when", "all 3 wrong", "exactly 2 wrong", "exactly 1 wrong",
-                  "wrong only by expert 0 / 1 / 2", "oracle − best expert (points)"], rows)
+    for method in listed(groups, ["MoE-SFT"] + RIEL_METHODS):
+        runs = groups[method]
+        counts = [[3 - sum(q["correct"]) for q in r.final["per_question"]] for r in runs]
+        rows.append([method] + [f"{mean([c.count(k) for c in counts]):.0f}" for k in (3, 2, 1, 0)])
+    return table(["method", "all 3 wrong", "exactly 2 wrong", "exactly 1 wrong", "none wrong"], rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,33 +442,55 @@ def slug(name: str) -> str:
 
 def figures(groups) -> list[tuple[str, str, object]]:
     """(caption, path relative to reference_runs/, draw(path)) of every figure."""
-    main = [m for m in ["MoE-SFT-GRPO", "MoE-SFT-Dr.GRPO", "MEML-GRPO"] + ABLATIONS if m in groups]
-    metrics = {m: [r.metrics() for r in groups[m]] for m in main}
+    main = listed(groups, ["MoE-SFT-GRPO", "MoE-SFT-GRPO + dynamic sampling", "MEML-GRPO", "MEML-GRPO buffer control",
+                           "MEML-GRPO w/o MEF"])
     if not main:
         return []
+    metrics = {m: [r.metrics() for r in groups[m]] for m in main}
     out = [("Held-out accuracy over RIEL steps, mean over experts and seeds (150 questions, greedy)",
             "plots/accuracy.png", lambda path: plots.plot_comparison(
                 metrics, "eval/expert_{i}/accuracy", "points", "held-out accuracy (mean over experts)", path)),
            ("Training reward over RIEL steps, mean over experts and seeds (rolling mean of 10 steps)",
             "plots/reward.png", lambda path: plots.plot_comparison(
                 metrics, "rewards/expert_{i}/mean", "rolling", "training reward (mean over experts)", path))]
-    return out + [(m, f"plots/{slug(m)}.png", lambda path, m=m: plots.plot_method(metrics[m], m, path))
-                  for m in main]
+    return out + [(m, f"plots/{slug(m)}.png", lambda path, m=m: plots.plot_method(metrics[m], m, path)) for m in main]
 
 
 # ---------------------------------------------------------------------------------------------
 
 def commits(groups) -> str:
-    seen = sorted({r.info["commit"] or "unknown" for runs in groups.values() for r in runs})
+    seen = sorted({r.info["commit"] or "unknown" for runs in groups.values() for r in runs if "commit" in r.info})
     return ", ".join(f"`{c[:12]}`" for c in seen)
 
 
+def verdict_sentences(groups) -> str:
+    """One sentence per primary comparison and view, its words computed with its numbers."""
+    lines, counted = [], 2 * len(PRIMARY)
+    for a, b, what in PRIMARY:
+        if not groups.get(a) or not groups.get(b):
+            lines.append(f"- {what[0].upper() + what[1:]} ({a} − {b}): not run yet.")
+            continue
+        said = []
+        for view in VIEWS:
+            p = paired(groups[a], groups[b], view)
+            v = p.verdict(counted)
+            word = ("not shown either way" if v == "not shown" else
+                    f"{a if v.startswith('A') else b} is ahead" + v[8:])
+            said.append(f"on the {view} {100 * p.diff:+.1f} points [{100 * p.low:+.1f}, {100 * p.high:+.1f}]: {word}")
+        lines.append(f"- {what[0].upper() + what[1:]} ({a} − {b}, {p.seeds} seeds): " + "; ".join(said) + ".")
+    return "\n".join(lines)
+
+
 def render(groups, figures: list[tuple[str, str, object]]) -> str:
-    n_runs = sum(len(runs) for runs in groups.values())
+    real = {g: runs for g, runs in groups.items() if runs and runs[0].folder is not None}
+    n_runs = sum(len(runs) for runs in real.values())
     planned = {r.name for r in plan()}
-    done = {r.name for runs in groups.values() for r in runs}
-    missing = sorted(planned - done)
+    missing = sorted(planned - {r.name for runs in real.values() for r in runs})
     missing_groups = sorted({r.group for r in plan() if r.name in missing})
+    checks = premise_checks(groups)
+    settings = {k: SYNTHETIC_SETTINGS[k] for k in ("mef_steps", "mef_batch_size", "mef_lr", "riel_steps", "riel_lr",
+                                                   "riel.questions_per_step", "riel.group_size",
+                                                   "riel.buffer_capacity")}
     parts = [
         "# Reference runs: the paper's comparison on the synthetic world",
         "",
@@ -396,73 +502,61 @@ def render(groups, figures: list[tuple[str, str, object]]) -> str:
         "differently, and a few hundred training steps amplify that). "
         "The engineering log of how they were run is `LOG.md`.",
         "",
-        f"{n_runs} runs, code at commit {commits(groups)}."
+        f"{n_runs} runs" + (f", code at commit {commits(real)}" if n_runs else "") + "."
         + (f" Not run yet: {len(missing)} of the {len(planned)} planned runs, of {', '.join(missing_groups)}."
            if missing else ""),
         "",
-        READING["setting"],
+        "## The premise, checked first",
         "",
-        "## Main comparison (held-out accuracy, %, greedy, 1000 questions; mean ± s.d. over seeds)",
+        READING["premise"],
+        "",
+        premise_table(checks),
+        "",
+        READING["setting"].format(**{k.replace(".", "_"): v for k, v in settings.items()}, grpo_beta=PRESETS[
+            "moe-sft-grpo"]["riel.beta"]),
+        "",
+        "## Primary comparisons",
+        "",
+        READING["primary"].format(n=len(PRIMARY), tests=2 * len(PRIMARY), seeds=len(SEEDS),
+                                  bonferroni=f"{0.05 / (2 * len(PRIMARY)):.4f}"),
+        "",
+        comparisons_table(groups, PRIMARY, 2 * len(PRIMARY)),
+        "",
+        "**Reading**, computed with the table:",
+        "",
+        verdict_sentences(groups),
+        "",
+        "## Secondary comparisons (not counted in the multiplicity above)",
+        "",
+        comparisons_table(groups, SECONDARY, 1),
+        "",
+        "## Held-out accuracy (%, greedy, 1000 questions; mean ± s.d. over seeds)",
         "",
         main_table(groups),
         "",
         READING["main"],
         "",
-        "## Per difficulty (mean expert accuracy, %; oracle for the multi-expert methods)",
+        "## Where the accuracy is: blind families (%, mean ± s.d. over seeds)",
         "",
-        difficulty_table(groups),
+        family_table(groups),
         "",
-        "## What RIEL adds to its starting checkpoint (points; paired on the same questions)",
+        "## What each RIEL method spent, and how its loss was made up (per run, mean over seeds)",
         "",
-        "Differences in points, with two standard errors: over seeds / over questions.",
+        READING["compute"],
         "",
-        riel_gain_table(groups),
+        compute_table(groups),
         "",
-        "## The ablation ladder (held-out accuracy, %; Δ in points, s.e. over seeds / questions)",
+        "## Reward sparsity during RIEL (mean over steps and seeds)",
         "",
-        ladder_table(groups),
-        "",
-        READING["ladder"],
-        "",
-        "## Paired differences between methods (points, same seeds and questions)",
-        "",
-        "A − B with its standard error over seeds / over questions; the verdict says whether the "
-        "difference exceeds twice the larger one (d2 + d3: the 2- and 3-step questions only).",
-        "",
-        pairs_table(groups),
-        "",
-        READING["pairs"],
-        "",
-        "## λ1 and E5's scale",
-        "",
-        "MEML-GRPO with E5 summed over O+'s tokens (the paper's form, `--inter-expert-variant sequence`) "
-        "or divided by |O+| (`token_mean`); λ1 = 0 is MEML-GRPO without the inter-expert term and "
-        "(0.1, sum) is MEML-GRPO itself. Δ: paired difference on the 2- and 3-step questions against "
-        "λ1 = 0, with its standard errors over seeds / questions. λ1·E5 / E3: the mean weighted E5 "
-        "loss against the mean |policy loss| over the run's steps.",
-        "",
-        sweep_table(groups),
-        "",
-        READING["sweep"],
+        sparsity_table(groups),
         "",
         "## Choosing an expert without labels",
         "",
-        "Accuracy (%) when one answer per question is taken from: the expert best on the eval "
-        "questions themselves (uses their labels: the fixed best expert), the expert best on 300 "
-        "separate dev questions, the expert whose greedy answer has the highest mean token "
-        "log-probability (per question, no labels), the majority vote, and the oracle.",
-        "",
         label_free_table(groups),
         "",
-        READING["label_free"],
-        "",
-        "## Do the experts keep distinct errors? (the paper's Table 1 analogue)",
-        "",
-        "Questions (of 1000, mean over seeds) by how many of the three experts get them wrong.",
+        "## Do the experts keep distinct errors? (questions of 1000 by how many experts get them wrong)",
         "",
         overlap_table(groups),
-        "",
-        READING["overlap"],
         "",
         "## Plots",
         "",
@@ -482,7 +576,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "README.md")
     p.add_argument("--no-plots", action="store_true", help="write README.md only (it links the plots all the same)")
     args = p.parse_args(argv)
-    groups = load_runs(args.runs)
+    groups = load_runs(args.runs) if args.runs.exists() else {}
     figs = figures(groups)
     drawn = not args.no_plots and plots.available()
     if drawn:

@@ -29,20 +29,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from meml.config import SYNTHETIC_SETTINGS  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / "reference_runs" / "runs"
 SCRATCH = REPO / "runs" / "reference"
+MEF_STEPS = SYNTHETIC_SETTINGS["mef_steps"]
 
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2, 3, 4)   # the primary comparisons and everything they read
+FEW_SEEDS = (0, 1, 2)     # measurements beside them (format learnability, MoE-SFT at equal steps per format)
 EXPERTS = (0, 1, 2)
-# Every evaluation: 1000 held-out questions (a 3-point difference is ~2 standard errors of a
-# difference of two accuracies near 40 %), 300 dev questions for the label-free expert choice,
+# Every evaluation: 1000 held-out questions, 300 dev questions for the label-free expert choice,
 # greedy only. One checkpoint, at the end (the runs are not resumed).
 EVALUATION = ["--eval-size", "1000", "--dev-size", "300", "--pass-k", "0", "--save-every", "100000"]
-CURVE = ["--eval-every", "25", "--curve-size", "150"]  # RIEL learning curves
-# E5's weight and normalisation (λ1 = 0 is meml-no-iml, 0.1 with the sum is meml).
-SWEEP = [(0.01, "sequence"), (0.03, "sequence"), (0.3, "sequence"),
-         (0.01, "token_mean"), (0.03, "token_mean"), (0.1, "token_mean"), (0.3, "token_mean")]
+CURVE = ["--eval-every", "100", "--curve-size", "150"]  # RIEL learning curves
 
 
 @dataclass
@@ -61,44 +62,66 @@ class Run:
         return ["python", "train.py", *self.args, *start, "--output", str(scratch / self.name)]
 
 
+# The primary comparisons, named before any of their runs was made: (A, B, the question A − B
+# answers). The report gives each on the dev-chosen expert (the paper's inference mode) and on
+# the mean expert, with a paired t interval over SEEDS, and counts them for multiplicity. "start"
+# means the RIEL runs' own starting point (their first evaluation).
+PRIMARY = [
+    ("MoE-SFT-GRPO", "MoE-SFT-GRPO start", "does plain GRPO move held-out accuracy at all (RL that matters)?"),
+    ("MEML-GRPO", "MoE-SFT-GRPO", "the paper's claim: MEML's RIEL against GRPO from the same MoE-SFT start"),
+    ("MEML-GRPO", "MoE-SFT-GRPO + dynamic sampling", "against the standard fix for reward sparsity (DAPO)"),
+    ("MEML-GRPO", "MEML-GRPO buffer control", "hard examples, or just as many gold SFT items on random questions?"),
+    ("MEML-GRPO", "Single expert, N x G rollouts", "more experts, or one expert with as many rollouts?"),
+    ("MEML-GRPO", "MEML-GRPO w/o MEF", "MEF: the same RIEL from a base that has seen no teacher"),
+]
+
+
 def plan() -> list[Run]:
-    """Every run, in the order they are started: what others start from first, then the main
-    comparison, then the single-expert baselines, then the λ1 sweep."""
+    """Every run, in the order they are started: the SFT starts first, then the RIEL methods
+    from them, seed by seed (so a cut-short comparison has whole seeds), then the measurements
+    made on fewer seeds."""
     runs = []
-    for s in SEEDS:
-        seed = ["--seed", str(s)]
-        runs.append(Run(f"sft-moe-s{s}", ["--preset", "moe-sft", *seed, *EVALUATION], group="MoE-SFT"))
-        runs.append(Run(f"sft-expert0-s{s}", ["--preset", "expert-sft", "--expert", "0", *seed, *EVALUATION],
-                        group="Expert0-SFT"))
     riel = [*EVALUATION, *CURVE]
     for s in SEEDS:
         seed = ["--seed", str(s)]
-        for preset, group in [("meml-grpo", "MEML-GRPO"), ("meml-no-iml", "MEML-GRPO w/o inter-expert"),
-                              ("meml-no-buffer", "MEML-GRPO w/o buffer"), ("moe-sft-grpo", "MoE-SFT-GRPO"),
-                              ("moe-sft-dr-grpo", "MoE-SFT-Dr.GRPO")]:
-            runs.append(Run(f"{preset}-s{s}", ["--preset", preset, *seed, *riel], f"sft-moe-s{s}", group))
-        # without MEF: MEML's RIEL with all three prompts from a model that learned the task from the
-        # gold solutions only (Expert0-SFT), as the paper's ablation starts from a base model
-        # the bottom of the ablation ladder: the paper's E3 alone, neither E5 nor E6
-        runs.append(Run(f"meml-e3-only-s{s}", ["--preset", "meml-grpo", "--lambda1", "0", "--no-hard-example-buffer",
-                                               *seed, *riel], f"sft-moe-s{s}", "MEML-GRPO E3 only"))
-        runs.append(Run(f"meml-no-mef-s{s}", ["--preset", "meml-no-mef", *seed, *riel], f"sft-expert0-s{s}",
-                        "MEML-GRPO w/o MEF"))
-    for s in SEEDS:
-        seed = ["--seed", str(s)]
+        runs.append(Run(f"sft-moe-s{s}", ["--preset", "moe-sft", *seed, *EVALUATION], group="MoE-SFT"))
         for x in EXPERTS:
-            if x:
-                runs.append(Run(f"sft-expert{x}-s{s}", ["--preset", "expert-sft", "--expert", str(x), *seed,
-                                                         *EVALUATION], group=f"Expert{x}-SFT"))
-            for preset, kind in [("expert-sft-grpo", "GRPO"), ("expert-sft-dr-grpo", "Dr.GRPO")]:
-                runs.append(Run(f"expert{x}-{kind.lower().replace('.', '')}-s{s}",
-                                ["--preset", preset, "--expert", str(x), *seed, *riel],
-                                f"sft-expert{x}-s{s}", f"Expert{x}-SFT-{kind}"))
-    for s in SEEDS:
-        for lambda1, variant in SWEEP:
-            runs.append(Run(f"meml-l{lambda1}-{variant}-s{s}",
-                            ["--preset", "meml-grpo", "--lambda1", str(lambda1), "--inter-expert-variant", variant,
-                             "--seed", str(s), *riel], f"sft-moe-s{s}", f"λ1={lambda1} {variant}"))
+            runs.append(Run(f"sft-expert{x}-s{s}", ["--preset", "expert-sft", "--expert", str(x), *seed, *EVALUATION],
+                            group=f"Expert{x}-SFT"))
+        # the base for "without MEF": the same MEF steps on the data set's gold solutions under
+        # every expert prompt, so it knows the task and the prompts but no teacher's format
+        runs.append(Run(f"sft-gold-s{s}", ["--preset", "moe-sft", "--synthetic-teachers", "gold", *seed, *EVALUATION],
+                        group="Gold-SFT"))
+        moe = f"sft-moe-s{s}"
+        for name, args, group in [
+                ("meml-grpo", ["--preset", "meml-grpo"], "MEML-GRPO"),
+                ("moe-sft-grpo", ["--preset", "moe-sft-grpo"], "MoE-SFT-GRPO"),
+                ("moe-sft-grpo-dynamic", ["--preset", "moe-sft-grpo", "--dynamic-sampling", "3"],
+                 "MoE-SFT-GRPO + dynamic sampling"),
+                ("meml-buffer-control", ["--preset", "meml-grpo", "--buffer-control"], "MEML-GRPO buffer control"),
+                ("meml-no-buffer", ["--preset", "meml-no-buffer"], "MEML-GRPO w/o buffer"),
+                ("meml-no-iml", ["--preset", "meml-no-iml"], "MEML-GRPO w/o inter-expert"),
+                ("meml-e3-only", ["--preset", "meml-grpo", "--lambda1", "0", "--no-hard-example-buffer"],
+                 "MEML-GRPO E3 only"),
+                ("moe-sft-dr-grpo", ["--preset", "moe-sft-dr-grpo"], "MoE-SFT-Dr.GRPO")]:
+            runs.append(Run(f"{name}-s{s}", [*args, *seed, *riel], moe, group))
+        runs.append(Run(f"meml-no-mef-s{s}", ["--preset", "meml-no-mef", *seed, *riel], f"sft-gold-s{s}",
+                        "MEML-GRPO w/o MEF"))
+        for x in EXPERTS:
+            one = ["--preset", "expert-sft-grpo", "--expert", str(x), *seed, *riel]
+            runs.append(Run(f"expert{x}-grpo-s{s}", one, f"sft-expert{x}-s{s}", f"Expert{x}-SFT-GRPO"))
+            # as many rollouts per question as MEML's N x G, for one expert
+            runs.append(Run(f"expert{x}-grpo-nxg-s{s}", [*one, "--group-size", "24"], f"sft-expert{x}-s{s}",
+                            f"Expert{x}-SFT-GRPO, N x G rollouts"))
+    for s in FEW_SEEDS:
+        seed = ["--seed", str(s)]
+        for x in EXPERTS:  # how learnable each format is: the teacher without its blind spot
+            runs.append(Run(f"fmt-expert{x}-s{s}", ["--preset", "expert-sft", "--expert", str(x),
+                                                     "--synthetic-teachers", "correct", *seed, *EVALUATION],
+                            group=f"Expert{x}-SFT, no blind spot"))
+        # MoE-SFT at equal steps per format: three times the MEF steps of one ExpertX-SFT
+        runs.append(Run(f"sft-moe-3x-s{s}", ["--preset", "moe-sft", "--mef-steps", str(3 * MEF_STEPS), *seed,
+                                              *EVALUATION], group="MoE-SFT, equal steps per format"))
     return runs
 
 

@@ -77,6 +77,9 @@ TRAIN_CASES = [
     (["--eval-data", "{data}"], "--eval-data needs --model"),
     (["--system-prompts", "/nonexistent.json"], "--system-prompts needs --model"),
     (["--teacher", "{model}"], "--teacher needs --model"),
+    (["--model", "{model}", "--dataset", "gsm8k", "--data", "{data}", "--synthetic-teachers", "gold"],
+     "--synthetic-teachers picks the built-in world's teachers"),
+    (["--synthetic-teachers", "perfect"], "argument --synthetic-teachers: invalid choice"),
     # numbers that cannot work (item 9)
     (["--lambda1", "nan"], "--lambda1 nan: must be a finite number"),
     (["--beta", "inf"], "--beta inf: must be a finite number"),

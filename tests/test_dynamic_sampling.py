@@ -52,6 +52,11 @@ def test_dynamic_sampling_drops_questions_without_signal_and_refills_the_batch(w
     assert calls == [(["q0", "q1"], 0), (["q2", "q3"], 2)]
     assert offered == ["q0", "q1", "q2", "q3"]
     assert metrics["dynamic/kept_questions"] == 2 and metrics["dynamic/extra_rollouts"] == 2 * 3 * G
+    # the step's cost counts everything sampled, the dropped questions too (reference_runs' compute table)
+    model, w, _ = world
+    assert metrics["compute/rollouts"] == 4 * 3 * G
+    assert metrics["compute/sampled_tokens"] == sum(len(c) for q in FOUR for c in make_rollouts(w, [q]).completions)
+    assert metrics["compute/sft_tokens"] == 0  # the buffer (B = 100) did not fill
     direct, _, _, expected = _dynamic_step(world, monkeypatch, [FOUR[1], FOUR[2]], None, rounds=0)
     for key in ("loss/policy", "loss/inter_expert_kl", "loss/total", "inter_expert/active_questions", "reward"):
         assert metrics[key] == pytest.approx(direct[key], rel=1e-6), key

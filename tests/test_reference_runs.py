@@ -1,15 +1,23 @@
-"""reference_runs/: the run plan is valid train.py input, the report's statistics are right, and
-the committed README is what report.py writes from the committed run folders."""
+"""reference_runs/: the run plan is valid train.py input, the report's statistics and premise
+checks are right (numbers worked by hand, closed forms of Student's t, and the world's questions
+read independently), its sentences agree with its numbers, and the committed README is what
+report.py writes from the committed run folders."""
+import math
+import re
 import sys
 
 import pytest
 
 from conftest import REPO_ROOT
 
-sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "reference_runs")]
+sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "reference_runs"), str(REPO_ROOT / "tests")]
+import reading  # noqa: E402
 import report  # noqa: E402
 import runs  # noqa: E402
+import stats  # noqa: E402
 import train  # noqa: E402
+from meml import synthetic  # noqa: E402
+from test_synthetic import read_question  # noqa: E402
 
 
 def test_every_planned_command_is_valid_train_input_and_starts_from_a_planned_run_of_its_seed():
@@ -21,31 +29,175 @@ def test_every_planned_command_is_valid_train_input_and_starts_from_a_planned_ru
         if run.init_from:
             assert plan[run.init_from].seed == run.seed and not plan[run.init_from].init_from
             assert list(plan).index(run.init_from) < list(plan).index(run.name)  # started first
+    groups = {r.group for r in plan.values()}
+    derived = {f"{m} start" for m in report.RIEL_METHODS} | set(report.SINGLE)
+    for a, b, _ in runs.PRIMARY + report.SECONDARY:  # every comparison names groups the plan makes
+        assert {a, b} <= groups | derived, (a, b)
+    for a, b, _ in runs.PRIMARY:  # primary ones on every seed
+        for g in (a, b):
+            if g in groups:
+                assert {r.seed for r in plan.values() if r.group == g} == set(runs.SEEDS)
 
 
-def _fake(name, group, seed, per_question_correct):
-    result = {"per_question": [{"id": f"syn-eval-d{1 + q % 3}-{q:05d}", "correct": c, "vote": c[0]}
-                               for q, c in enumerate(per_question_correct)]}
-    return report.Run(name, {"group": group, "seed": seed}, {"results": {"after RIEL": result}}, None)
+def test_t_distribution_against_its_closed_forms():
+    # df = 1 (Cauchy): the quantile is tan(π (p − 1/2)); df = 2: (2p − 1) / sqrt(2 p (1 − p))
+    for p in (0.6, 0.9, 0.975, 0.995):
+        assert stats.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9)
+        assert stats.t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-9)
+    # df = 4: F(t) = 1/2 + (3/8) u (1 − u² / 12), u = t / sqrt(1 + t² / 4)
+    for t in (-3.0, -0.4, 0.0, 0.7, 2.776, 8.0):
+        u = t / math.sqrt(1 + t * t / 4)
+        assert stats.t_cdf(t, 4) == pytest.approx(0.5 + 3 / 8 * u * (1 - u * u / 12), abs=1e-12)
+    assert stats.t_quantile(0.025, 4) == pytest.approx(-stats.t_quantile(0.975, 4))
+    assert stats.t_quantile(0.975, 10**8) == pytest.approx(1.959964, abs=1e-6)  # the normal's
 
 
-def test_paired_difference_and_its_two_standard_errors_by_hand():
-    # seed 0: A right on 3 of 4 questions, B on 1: per-question differences 1, 1, 0, 0 (one expert)
-    # seed 1: differences 1, 0, 0, 0
-    a = [_fake("a0", "A", 0, [[1], [1], [1], [0]]), _fake("a1", "A", 1, [[1], [0], [0], [0]])]
-    b = [_fake("b0", "B", 0, [[0], [0], [1], [0]]), _fake("b1", "B", 1, [[0], [0], [0], [0]])]
-    p = report.paired(a, b, report.per_question)
-    assert p.diff == pytest.approx((0.5 + 0.25) / 2)
-    assert p.se_seeds == pytest.approx(abs(0.5 - 0.25) / 2 ** 0.5 / 2 ** 0.5)  # s.d. of (0.5, 0.25) / √2
-    var0, var1 = (1 / 3) / 4, (0.25 * 4 / 3 * 0.75) / 4   # sample variances / 4 questions
-    assert p.se_questions == pytest.approx((var0 + var1) ** 0.5 / 2)
-    assert p.verdict() == "within noise"
+def test_paired_t_interval_by_hand():
+    # differences 1, 2, 3: mean 2, s.d. 1, s.e. 1/√3, t(0.975, 2) = 0.95 / sqrt(0.04875)
+    mean, low, high, p = stats.paired_t([1.0, 2.0, 3.0])
+    half = 0.95 / math.sqrt(0.04875) / math.sqrt(3)
+    assert (mean, low, high) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
+    # p: twice the tail beyond t = 2 / (1/√3) = 2√3 at df 2, whose CDF is 1/2 + t / (2 sqrt(2 + t²))
+    t = 2 * math.sqrt(3)
+    assert p == pytest.approx(2 * (0.5 - t / (2 * math.sqrt(2 + t * t))))
+    assert math.isnan(stats.paired_t([0.4])[1])
+
+
+def _result(correct, dev_accuracy=None, families=None):
+    """A results.json entry from per-question correctness lists (one list per question)."""
+    n = len(correct[0])
+    accuracy = [sum(q[i] for q in correct) / len(correct) for i in range(n)]
+    dev = dev_accuracy or accuracy
+    expert = dev.index(max(dev))
+    out = {"accuracy": accuracy, "oracle": sum(any(q) for q in correct) / len(correct),
+           "per_question": [{"id": f"syn-eval-sub-{k:05d}", "correct": list(q)} for k, q in enumerate(correct)],
+           "dev_choice": {"dev_accuracy": dev, "expert": expert, "accuracy": accuracy[expert]}}
+    if families:
+        out["by_family"] = {f: {"accuracy": acc} for f, acc in families.items()}
+    return out
+
+
+def _run(group, seed, result, command=""):
+    return report.Run(f"{group}-s{seed}", {"group": group, "seed": seed, "command": command},
+                      {"results": {"after MEF": result}}, None)
+
+
+def test_paired_comparison_and_its_verdict_by_hand():
+    # seed 0: A right on 3 of 4 questions, B on 1 (one expert); seed 1: 2 and 1; seed 2: 4 and 1
+    a = [_run("A", 0, _result([[1], [1], [1], [0]])), _run("A", 1, _result([[1], [1], [0], [0]])),
+         _run("A", 2, _result([[1], [1], [1], [1]]))]
+    b = [_run("B", s, _result([[0], [0], [1], [0]])) for s in range(3)]
+    p = report.paired(a, b, "mean expert")
+    assert p.diffs == pytest.approx([0.5, 0.25, 0.75])
+    mean, low, high, pv = stats.paired_t([0.5, 0.25, 0.75])
+    assert (p.low, p.high, p.p) == pytest.approx((low, high, pv))
+    # question-level s.e.: per seed the sample variance of the per-question differences / 4
+    variances = [(sum((x - m) ** 2 for x in d) / 3) / 4 for d, m in
+                 [([1, 1, 0, 0], 0.5), ([1, 1, -1, 0], 0.25), ([1, 1, 0, 1], 0.75)]]
+    assert p.se_questions == pytest.approx(math.sqrt(sum(variances)) / 3)
+    # t(0.975, 2) · s.e. = 4.303 · 0.144 = 0.62 > 0.5: the interval holds 0, nothing is shown
+    assert low < 0 < high and p.verdict() == "not shown"
+    # t = 0.5 / (0.25 / √3) = 2√3 at df 2: p = 1 − 2√3 / sqrt(14) = 0.074
+    assert pv == pytest.approx(1 - 2 * math.sqrt(3) / math.sqrt(14))
+    # five seeds of 0.4-0.6: s.e. 0.0354, half-width 2.776 · 0.0354 = 0.098; t = 14.1, p ~ 1.5e-4
+    clear = report.Paired([0.5, 0.6, 0.4, 0.55, 0.45], 0.01)
+    assert clear.low == pytest.approx(0.5 - stats.t_quantile(0.975, 4) * math.sqrt(0.00625 / 5))
+    assert clear.verdict() == "A better" and clear.verdict(comparisons=12) == "A better (Bonferroni: holds)"
+    assert report.Paired([-x for x in clear.diffs], 0.01).verdict() == "B better"
+    # mean 0.2, s.e. 0.0707: t = 2.83, p = 0.047 at df 4 (the closed form above), an interval just
+    # above 0 but p above the Bonferroni bound 0.05 / 12
+    assert report.Paired([0.1, 0.3, 0.0, 0.2, 0.4], 0.01).verdict(12) == "A better (Bonferroni: not shown)"
+    flat = report.paired(a, a, "mean expert")
+    assert flat.verdict() == "not shown"
+
+
+def test_dev_view_reads_the_dev_chosen_expert():
+    # expert 1 wins on dev but expert 0 on the eval questions: the view reports expert 1's
+    r = _result([[1, 0], [1, 1], [1, 0]], dev_accuracy=[0.2, 0.9])
+    assert report.dev_chosen(r) == pytest.approx(1 / 3)
+    assert report.VIEWS["dev-chosen expert"][1](r) == [0.0, 1.0, 0.0]
+    assert report.VIEWS["mean expert"][1](r) == [0.5, 1.0, 0.5]
+
+
+def test_one_model_per_expert_takes_the_dev_choice_among_the_models():
+    singles = [_result([[1], [0], [0]], dev_accuracy=[0.3]), _result([[1], [1], [0]], dev_accuracy=[0.5]),
+               _result([[0], [0], [1]], dev_accuracy=[0.5])]
+    for r, f in zip(singles, (0.1, 0.2, 0.3)):
+        r["by_family"] = {"sub": {"accuracy": [f]}}
+    joined = report.one_per_expert(singles)
+    assert joined["dev_choice"]["expert"] == 1  # the first of the tied best
+    assert joined["dev_choice"]["accuracy"] == pytest.approx(2 / 3)
+    assert [q["correct"] for q in joined["per_question"]] == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
+    assert joined["oracle"] == 1.0 and joined["by_family"]["sub"]["accuracy"] == [0.1, 0.2, 0.3]
+
+
+def test_blind_spot_margin_by_hand():
+    fam = {"sub": [0.05, 0.6, 0.7], "groups": [0.9, 0.1, 0.95], "mul": [0.8, 0.85, 0.3]}
+    r = _run("MoE-SFT", 0, _result([[1, 1, 1]], families=fam))
+    margins = report.blind_spot_margins([r])
+    assert margins == pytest.approx({"sub": 0.55, "groups": 0.8, "mul": 0.5})
+
+
+def test_teacher_overlap_against_the_questions_read_independently():
+    problems = synthetic.generate_problems(3000, "train", seed=0)
+    wrong = [[read_question(p.question(), blind_to=k)[1] != read_question(p.question())[1]
+              for k in synthetic.BLIND_SPOTS] for p in problems]
+    got = report.teacher_overlap([0])
+    assert got["overlap"] == pytest.approx(sum(sum(w) >= 2 for w in wrong) / len(problems))
+    assert got["rates"] == pytest.approx([sum(w[i] for w in wrong) / len(problems) for i in range(3)])
+
+
+def test_every_sentence_agrees_with_its_numbers():
+    """The reading's verdicts are computed: a clear win reads as one, a tie reads as none."""
+    better = [_run("MEML-GRPO", s, _result([[1, 1, 1]] * 8 + [[0, 0, 0]] * (2 + s % 2))) for s in range(5)]
+    worse = [_run("MoE-SFT-GRPO", s, _result([[1, 0, 0]] * 8 + [[0, 0, 0]] * (2 + s % 2))) for s in range(5)]
+    text = report.verdict_sentences({"MEML-GRPO": better, "MoE-SFT-GRPO": worse})
+    line = next(x for x in text.splitlines() if "(MEML-GRPO − MoE-SFT-GRPO," in x)
+    # mean expert: 0.8 − 8/30 on seeds 0, 2, 4 (ten questions), 8/11 − 8/33 on seeds 1, 3 (eleven)
+    expected = (3 * (0.8 - 8 / 30) + 2 * (8 / 11 - 8 / 33)) / 5
+    assert f"on the mean expert {100 * expected:+.1f} points" in line and "MEML-GRPO is ahead" in line
+    # the dev-chosen expert is expert 0 in both, right on the same questions: no difference
+    assert "on the dev-chosen expert +0.0 points" in line and "not shown either way" in line
+    assert "not run yet" in next(x for x in text.splitlines() if "buffer control" in x)
+    tie = report.verdict_sentences({"MEML-GRPO": better, "MoE-SFT-GRPO": better})
+    assert "not shown either way" in next(x for x in tie.splitlines() if "(MEML-GRPO − MoE-SFT-GRPO," in x)
+
+
+def test_the_reading_has_no_number_of_its_own():
+    for name, text in reading.READING.items():
+        if name == "real_data":
+            continue
+        words = re.sub(r"\{[a-z_0-9]+\}", "", text)
+        words = re.sub(r"\b(E[1-8]|D\d+|Qwen2|0\.05)\b|95 %|max\(A, 0\)", "", words)  # names, the test level
+        assert not re.search(r"\d", words), (name, re.search(r".{20}\d.{20}", words))
 
 
 def test_the_committed_readme_is_what_the_report_writes_from_the_committed_runs(tmp_path):
     committed = REPO_ROOT / "reference_runs" / "README.md"
-    if not (REPO_ROOT / "reference_runs" / "runs").exists():
-        pytest.skip("no committed run folders")
     out = tmp_path / "README.md"
     assert report.main(["--no-plots", "--out", str(out)]) == 0
     assert out.read_text() == committed.read_text(), "run `python reference_runs/report.py` and commit README.md"
+
+
+def test_premise_checks_hold_or_fail_by_their_thresholds():
+    def moe(margin):  # each family: the two experts taught it at 0.9, the blind one 0.9 − margin
+        fam = {f: [0.9 - margin if i == b else 0.9 for i in range(3)] for b, f in enumerate(synthetic.BLIND_SPOTS)}
+        return [_run("MoE-SFT", s, _result([[1, 1, 1]], families=fam)) for s in range(2)]
+    by_name = lambda checks, word: next(c for c in checks if word in c.what)  # noqa: E731
+    assert by_name(report.premise_checks({"MoE-SFT": moe(0.10)}), "strong families").holds is True
+    assert by_name(report.premise_checks({"MoE-SFT": moe(0.09)}), "strong families").holds is False
+    assert by_name(report.premise_checks({}), "strong families").holds is None      # not run yet
+    fmt = {f"Expert{x}-SFT, no blind spot": [_run("F", 0, _result([[1]] * (60 + 6 * x) + [[0]] * (40 - 6 * x)))]
+           for x in range(3)}                                                         # 60, 66, 72 %: spread 12
+    assert by_name(report.premise_checks(fmt), "privileged").holds is False
+    # RL matters: 5 seeds of +6 points (start 0.5, final 0.56 on 50 questions) hold; 4 seeds do not
+    def grpo(seeds):
+        runs = []
+        for s in range(seeds):
+            r = _run("MoE-SFT-GRPO", s, _result([[1]] * 28 + [[0]] * 22))
+            r.results["results"] = {"before RIEL": _result([[1]] * 25 + [[0]] * 25),
+                                    "after RIEL": _result([[1]] * 28 + [[0]] * (22 - s % 2) + [[1]] * (s % 2))}
+            runs.append(r)
+        return report.with_derived({"MoE-SFT-GRPO": runs})
+    assert by_name(report.premise_checks(grpo(5)), "RL matters").holds is True
+    assert by_name(report.premise_checks(grpo(4)), "RL matters").holds is False

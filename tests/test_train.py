@@ -242,7 +242,8 @@ def test_teacher_checkpoint_writes_verified_expert_data_then_trains(tmp_path, ca
     model.save_pretrained(folder)  # a checkpoint in HF layout with its tokenizer beside it
     train_ex = synthetic.load_synthetic(n_train=8, n_eval=1)[0]
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"question": ex.question, "answer": ex.solution}) + "\n" for ex in train_ex))
+    data.write_text("".join(json.dumps({"question": ex.question, "answer": f"{ex.solution}\n#### {ex.answer}"}) + "\n"
+                            for ex in train_ex))
     args = ["--model", str(folder), "--dataset", "gsm8k", "--data", str(data), "--teacher", str(folder),
             "--output", str(tmp_path / "run"), "--mef-steps", "1", "--riel-steps", "0", "--eval-size", "2",
             "--pass-k", "0", "--max-new-tokens", "8", "--eval-max-new-tokens", "8"]
