@@ -24,7 +24,7 @@ TARGETS = ("gold", "expert")  # the SFT target S: gold worked solution, or exper
 class HardExampleBuffer:
     """E6 buffer. capacity = B (64), k = K (6), g = G (8): insertion probability k / g."""
 
-    def __init__(self, capacity: int = 64, k: int = 6, g: int = 8, seed: int = 0, control: bool = False):
+    def __init__(self, capacity: int = 64, k: int = 6, g: int = 8, seed: int = 0, quota: list[int] | None = None):
         if not 0 <= k <= g:
             raise ValueError(f"need 0 <= k <= g for an insertion probability k/g; got k={k}, g={g}")
         if capacity < 1:
@@ -33,9 +33,11 @@ class HardExampleBuffer:
         self.items: list[Any] = []
         self.num_dropped = 0  # selected while full (the trainer should pop before adding more)
         self.generator = torch.Generator().manual_seed(seed)
-        # the buffer control (--buffer-control): every item taken is swapped for a random one of
-        # the same step, drawn from a stream of its own so the coins above are the method's
-        self.control = torch.Generator().manual_seed(seed + 1) if control else None
+        # The buffer control (--buffer-control): `quota` holds, per step, how many items another
+        # run's buffer took; this buffer takes that many random (question, expert) of its own
+        # step instead of hard ones, drawn from a stream of its own.
+        self.quota, self.steps = quota, 0
+        self.control = torch.Generator().manual_seed(1_000_003 + seed) if quota is not None else None
 
     @property
     def insert_probability(self) -> float:
@@ -48,25 +50,31 @@ class HardExampleBuffer:
     def is_full(self) -> bool:
         return len(self.items) >= self.capacity
 
-    def maybe_add(self, item: Any, num_wrong: int, pool: list | None = None) -> bool:
+    def maybe_add(self, item: Any, num_wrong: int) -> bool:
         """Add `item` if num_wrong > k, with probability k/g. Returns whether it was added.
 
         The coin is flipped only for eligible groups, so ineligible calls leave the random
         stream untouched. An item selected while the buffer is full is dropped and counted.
-        A control buffer adds, in its place, an item of `pool` drawn uniformly at random: as
-        many SFT items as the method's, on questions not chosen for being hard.
         """
         if num_wrong <= self.k:
             return False
         if torch.rand((), generator=self.generator).item() >= self.insert_probability:
             return False
+        return self.add(item)
+
+    def add(self, item: Any) -> bool:
         if self.is_full:
             self.num_dropped += 1
             return False
-        if self.control is not None:
-            item = pool[int(torch.randint(len(pool), (), generator=self.control))]
         self.items.append(item)
         return True
+
+    def control_draws(self, pool: list) -> list:
+        """The control's items for this step: as many as the matched run's buffer took at the
+        same step (none past its last step), each drawn uniformly from `pool`."""
+        n = self.quota[self.steps] if self.steps < len(self.quota) else 0
+        self.steps += 1
+        return [pool[int(torch.randint(len(pool), (), generator=self.control))] for _ in range(n)]
 
     def pop_batch(self) -> list[Any]:
         """Return every stored item (the L_SFT batch) and empty the buffer."""
@@ -81,10 +89,14 @@ class HardExampleBuffer:
             "items": list(self.items),
             "num_dropped": self.num_dropped,
             "generator_state": self.generator.get_state(),
-            **({"control_state": self.control.get_state()} if self.control is not None else {}),
+            **({"control_state": self.control.get_state(), "control_steps": self.steps}
+               if self.control is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (self.control is None) != ("control_state" not in state):
+            raise InputError("the buffer checkpoint was written with" + (" " if self.control is None else "out ")
+                             + "--buffer-control; resume with the same setting")
         for name in ("capacity", "k", "g"):
             if state[name] != getattr(self, name):
                 raise InputError(f"buffer checkpoint has {name}={state[name]} but this buffer "
@@ -93,8 +105,6 @@ class HardExampleBuffer:
         self.items = list(state["items"])
         self.num_dropped = state["num_dropped"]
         self.generator.set_state(state["generator_state"])
-        if (self.control is None) != ("control_state" not in state):
-            raise InputError("the buffer checkpoint was written with" + (" " if self.control is None else "out ")
-                             + "--buffer-control; resume with the same setting")
         if self.control is not None:
             self.control.set_state(state["control_state"])
+            self.steps = state["control_steps"]

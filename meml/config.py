@@ -112,9 +112,10 @@ class RielConfig:
     buffer_wrong_below: float = option(1.0, "a rollout counts as wrong for the buffer when its reward is below "
                                        "this (1: anything short of full marks; --reward may give partial credit)",
                                        above=0, at_most=1)
-    buffer_control: bool = option(False, "a control for E6: each (question, expert) the buffer takes is swapped "
-                                  "for a random one of the same step, so as many gold SFT items go to questions "
-                                  "not chosen for being hard")
+    buffer_control: str | None = option(None, "a control for E6: the metrics.jsonl of a run with the buffer; each "
+                                        "step this run's buffer takes as many items as that run's took at the same "
+                                        "step (buffer/insertions), each a random (question, expert) of this step: "
+                                        "as many gold SFT items, on questions not chosen for being hard")
     buffer_target: str = option("gold", "SFT target: the gold worked solution or expert i's own verified "
                                 "answer [D11]", choices=TARGETS)
     lambda2: float = option(1.0, "weight of the buffer's SFT loss, E6 [D9]", at_least=0)
@@ -336,6 +337,8 @@ def validate(cfg: TrainConfig) -> None:
                          "--loss cispo")
     if r.loss == "cispo" and r.clip_eps is not None:
         raise InputError("--clip-eps: CISPO has no lower cap on its weight (its cap is 1 + --clip-eps-high)")
+    if r.buffer_control is not None and not r.hard_example_buffer:
+        raise InputError("--buffer-control is a control for the buffer: leave out --no-hard-example-buffer")
     if r.buffer_k > r.group_size:
         raise InputError(f"--buffer-k {r.buffer_k} must be at most --group-size {r.group_size} "
                          f"(a group with more than K of its G rollouts wrong enters the buffer)")

@@ -66,13 +66,19 @@ def fill_buffer(buffer: HardExampleBuffer, examples, rewards: torch.Tensor,
     """2d, E6's insertions: every (question, expert) group with more than K wrong (reward below
     `wrong_below`) may enter, in question order. Returns the items popped when the buffer filled
     (possibly several fills, possibly none) and the number of insertions. A control buffer
-    (--buffer-control) takes a random (question, expert) of the step in place of each."""
+    (--buffer-control) takes, instead, as many random (question, expert) of the step as the
+    matched run's buffer took at this step."""
     wrong = (rewards < wrong_below).sum(-1)  # [Q, N]
     popped, inserted = [], 0
-    pool = [(ex.id, i) for ex in examples for i in range(wrong.shape[1])]  # what a control buffer draws from
+    if buffer.quota is not None:  # the control: random items, as many as the matched run took
+        for item in buffer.control_draws([(ex.id, i) for ex in examples for i in range(wrong.shape[1])]):
+            inserted += buffer.add(item)
+            if buffer.is_full:
+                popped.extend(buffer.pop_batch())
+        return popped, inserted
     for q, ex in enumerate(examples):
         for i in range(wrong.shape[1]):
-            inserted += buffer.maybe_add((ex.id, i), int(wrong[q, i]), pool)
+            inserted += buffer.maybe_add((ex.id, i), int(wrong[q, i]))
             if buffer.is_full:
                 popped.extend(buffer.pop_batch())
     return popped, inserted

@@ -28,8 +28,12 @@ premise can hold (reference_runs/README.md checks that it does):
 - (in meml/synthetic_assets.py) a byte-level BPE tokenizer trained on the world's own text, a
   plain ChatML template and a tiny Qwen2 config: the synthetic and real paths share all code.
 
-Train and eval are disjoint by construction: a hash of the whole problem decides which split
-may hold it, so no eval question is ever seen in training, whatever the split sizes.
+Train and eval are disjoint by construction: a hash of the whole question (names and objects
+included) decides which split may hold it, so no eval question's text is ever seen in training,
+whatever the split sizes. The same arithmetic with other names may be (on seed 0, 18 % of 1000
+eval questions share start and steps with a training question): keying the hash on the
+arithmetic alone was tried in the first world and made its easy questions a test of facts never
+trained on (reference_runs/LOG.md, 2026-11-22).
 """
 import hashlib
 import random

@@ -36,8 +36,8 @@ class _WatchedBuffer:
     def __init__(self, buffer: HardExampleBuffer):
         self.buffer, self.offers = buffer, []
 
-    def maybe_add(self, item, num_wrong: int, pool=None) -> bool:
-        taken = self.buffer.maybe_add(item, num_wrong, pool)
+    def maybe_add(self, item, num_wrong: int) -> bool:
+        taken = self.buffer.maybe_add(item, num_wrong)
         self.offers.append((item, num_wrong, taken))
         return taken
 

@@ -16,8 +16,9 @@ SETTING = """\
 problems in families named by their one step that is not a plain gain (a loss, "a bags of b",
 "grow k times"; a few problems have two such steps). Three programmatic teachers each misread one
 family (a loss as a gain; a bags of b as a + b more; grow k times as k more), do their arithmetic
-right and write their own format; D1 drops their wrong answers, so each expert never sees its
-blind family in its own format. The gold solution, the buffer's SFT target, is a fourth format
+right and write their own format; D1 drops their wrong answers, so each expert never sees the
+part of its family its teacher misreads (a loss of eight or more, bags of five or more, growing
+three times) in its own format; it sees the rest. The gold solution, the buffer's SFT target, is a fourth format
 no expert is taught. The model is the synthetic Qwen2-layout decoder trained from scratch. Each
 seed is a different world sample (problems, tokenizer, model initialisation), so the spread over
 seeds includes the data. Settings are `train.py`'s synthetic defaults: MEF {mef_steps} steps of
@@ -32,10 +33,13 @@ it three times as many); the GRPO baselines are clipped GRPO (group-std advantag
 and Dr.GRPO from the matching SFT checkpoint; MEML-GRPO is the paper's E3 (on-policy, max(A, 0))
 with E5 and E6. "Single expert" rows take the three single-expert models together: the
 dev-chosen one, or their mean; "N x G rollouts" gives each as many rollouts per question as
-MEML's three experts together. The buffer control swaps each item MEML's buffer takes for a
-random question and expert of the same step: as many gold SFT items, not chosen for being hard.
+MEML's three experts together. The buffer control takes, at each step, as many items
+as MEML's buffer took at the same step of the same seed (read from MEML's metrics), each a
+random question and expert of its own step: as many gold SFT items, not chosen for being hard.
 "Without MEF" starts RIEL from Gold-SFT, the same MEF steps on the gold solutions under every
-expert prompt: a model that knows the task and the prompts but has seen no teacher."""
+expert prompt: it has seen no teacher's format, but the gold solutions have no blind spot, so
+this compares MEF from blind teachers with SFT on the data set's own solutions (a secondary
+comparison for that reason)."""
 
 PRIMARY = """\
 The {n} comparisons below were named in `reference_runs/runs.py` (PRIMARY) before any of their
@@ -51,8 +55,9 @@ the oracle counts a question right when any expert is."""
 COMPUTE = """\
 Per run: rollouts sampled (dynamic sampling's extra ones included) and their tokens, the gold
 items and tokens the buffer trained on, the share of steps that ran buffer SFT, and the
-weighted E5 and E6 losses against the policy loss. The SFT start each method continues is shared
-and not counted."""
+weighted E5 and E6 losses against the policy loss. The SFT runs the methods start from are not
+counted: one MoE-SFT run per seed for most rows, one ExpertX-SFT run per expert for the
+single-expert rows, Gold-SFT for the run without MEF."""
 
 REAL_DATA = """\
 Nothing here has been run on real data or on a GPU: this project has no real weights and no GPU

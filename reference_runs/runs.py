@@ -2,13 +2,14 @@
 
     python reference_runs/runs.py list                 # the command of every run, in run order
     python reference_runs/runs.py run --all --jobs 2   # run what is missing, two at a time
-    python reference_runs/runs.py run meml-s0          # one run (and nothing it depends on)
-    python reference_runs/runs.py check meml-s0        # rerun it elsewhere, compare results.json
+    python reference_runs/runs.py run meml-grpo-s0     # one run (and nothing it depends on)
+    python reference_runs/runs.py check meml-grpo-s0   # rerun it elsewhere, compare results.json
                                                        # (at the commit its run.json names)
 
 A run is `train.py` on the synthetic world with the arguments below, one thread, CPU. Runs that
-start from another run's MEF checkpoint (`--init-from`) need that run's folder under
-`runs/reference/` (the scratch place where checkpoints live; checkpoints are never committed).
+start from another run's MEF checkpoint (`--init-from`), or match another run's buffer
+(`--buffer-control`), need that run's folder under `runs/reference/` (the scratch place where
+checkpoints live; checkpoints are never committed).
 What is committed, per run, in reference_runs/runs/<name>/:
   run.json       the command, the run it starts from, its seed, the commit, the date, wall time
   results.json   train.py's evaluation tables (a rerun on a CPU gives the same file)
@@ -38,7 +39,7 @@ SCRATCH = REPO / "runs" / "reference"
 MEF_STEPS = SYNTHETIC_SETTINGS["mef_steps"]
 
 SEEDS = (0, 1, 2, 3, 4)   # the primary comparisons and everything they read
-FEW_SEEDS = (0, 1, 2)     # measurements beside them (format learnability, MoE-SFT at equal steps per format)
+FEW_SEEDS = (0, 1, 2)     # what is read beside them: ablations, secondary baselines, measurements
 EXPERTS = (0, 1, 2)
 # Every evaluation: 1000 held-out questions, 300 dev questions for the label-free expert choice,
 # greedy only. One checkpoint, at the end (the runs are not resumed).
@@ -52,6 +53,7 @@ class Run:
     args: list[str]              # train.py arguments, --output and --init-from left out
     init_from: str | None = None  # the run whose final checkpoint this one starts from
     group: str = ""              # what the report calls it (method or sweep cell); seeds share it
+    matches: str | None = None   # the run whose buffer a --buffer-control run matches (its metrics.jsonl)
 
     @property
     def seed(self) -> int:
@@ -59,7 +61,12 @@ class Run:
 
     def command(self, scratch: Path = SCRATCH) -> list[str]:
         start = ["--init-from", str(scratch / self.init_from)] if self.init_from else []
-        return ["python", "train.py", *self.args, *start, "--output", str(scratch / self.name)]
+        control = ["--buffer-control", str(scratch / self.matches / "metrics.jsonl")] if self.matches else []
+        return ["python", "train.py", *self.args, *start, *control, "--output", str(scratch / self.name)]
+
+    @property
+    def needs(self) -> list[str]:
+        return [name for name in (self.init_from, self.matches) if name]
 
 
 # The primary comparisons, named before any of their runs was made: (A, B, the question A − B
@@ -70,51 +77,59 @@ PRIMARY = [
     ("MoE-SFT-GRPO", "MoE-SFT-GRPO start", "does plain GRPO move held-out accuracy at all (RL that matters)?"),
     ("MEML-GRPO", "MoE-SFT-GRPO", "the paper's claim: MEML's RIEL against GRPO from the same MoE-SFT start"),
     ("MEML-GRPO", "MoE-SFT-GRPO + dynamic sampling", "against the standard fix for reward sparsity (DAPO)"),
-    ("MEML-GRPO", "MEML-GRPO buffer control", "hard examples, or just as many gold SFT items on random questions?"),
-    ("MEML-GRPO", "Single expert, N x G rollouts", "more experts, or one expert with as many rollouts?"),
-    ("MEML-GRPO", "MEML-GRPO w/o MEF", "MEF: the same RIEL from a base that has seen no teacher"),
+    ("MEML-GRPO", "MEML-GRPO buffer control", "hard examples, or as many gold SFT items on random questions?"),
+    ("MEML-GRPO", "Single expert, N x G rollouts",
+     "the paper's single-expert pipeline (ExpertX-SFT, then GRPO) given as many rollouts per question"),
 ]
 
 
 def plan() -> list[Run]:
     """Every run, in the order they are started: the SFT starts first, then the RIEL methods
-    from them, seed by seed (so a cut-short comparison has whole seeds), then the measurements
-    made on fewer seeds."""
+    from them, seed by seed (so a cut-short comparison has whole seeds); the secondary methods
+    and measurements on FEW_SEEDS after."""
     runs = []
     riel = [*EVALUATION, *CURVE]
     for s in SEEDS:
         seed = ["--seed", str(s)]
-        runs.append(Run(f"sft-moe-s{s}", ["--preset", "moe-sft", *seed, *EVALUATION], group="MoE-SFT"))
+        moe = f"sft-moe-s{s}"
+        runs.append(Run(moe, ["--preset", "moe-sft", *seed, *EVALUATION], group="MoE-SFT"))
         for x in EXPERTS:
             runs.append(Run(f"sft-expert{x}-s{s}", ["--preset", "expert-sft", "--expert", str(x), *seed, *EVALUATION],
                             group=f"Expert{x}-SFT"))
-        # the base for "without MEF": the same MEF steps on the data set's gold solutions under
-        # every expert prompt, so it knows the task and the prompts but no teacher's format
-        runs.append(Run(f"sft-gold-s{s}", ["--preset", "moe-sft", "--synthetic-teachers", "gold", *seed, *EVALUATION],
-                        group="Gold-SFT"))
-        moe = f"sft-moe-s{s}"
         for name, args, group in [
                 ("meml-grpo", ["--preset", "meml-grpo"], "MEML-GRPO"),
                 ("moe-sft-grpo", ["--preset", "moe-sft-grpo"], "MoE-SFT-GRPO"),
                 ("moe-sft-grpo-dynamic", ["--preset", "moe-sft-grpo", "--dynamic-sampling", "3"],
-                 "MoE-SFT-GRPO + dynamic sampling"),
-                ("meml-buffer-control", ["--preset", "meml-grpo", "--buffer-control"], "MEML-GRPO buffer control"),
+                 "MoE-SFT-GRPO + dynamic sampling")]:
+            runs.append(Run(f"{name}-s{s}", [*args, *seed, *riel], moe, group))
+        # as many gold SFT items as MEML's buffer took at each step, on random questions
+        runs.append(Run(f"meml-buffer-control-s{s}", ["--preset", "meml-grpo", *seed, *riel], moe,
+                        "MEML-GRPO buffer control", matches=f"meml-grpo-s{s}"))
+        for x in EXPERTS:  # as many rollouts per question as MEML's N x G, for one expert
+            runs.append(Run(f"expert{x}-grpo-nxg-s{s}", ["--preset", "expert-sft-grpo", "--expert", str(x), *seed,
+                                                          *riel, "--group-size", "24"], f"sft-expert{x}-s{s}",
+                            f"Expert{x}-SFT-GRPO, N x G rollouts"))
+    for s in FEW_SEEDS:
+        seed = ["--seed", str(s)]
+        moe = f"sft-moe-s{s}"
+        for name, args, group in [
                 ("meml-no-buffer", ["--preset", "meml-no-buffer"], "MEML-GRPO w/o buffer"),
                 ("meml-no-iml", ["--preset", "meml-no-iml"], "MEML-GRPO w/o inter-expert"),
                 ("meml-e3-only", ["--preset", "meml-grpo", "--lambda1", "0", "--no-hard-example-buffer"],
                  "MEML-GRPO E3 only"),
                 ("moe-sft-dr-grpo", ["--preset", "moe-sft-dr-grpo"], "MoE-SFT-Dr.GRPO")]:
             runs.append(Run(f"{name}-s{s}", [*args, *seed, *riel], moe, group))
+        for x in EXPERTS:  # the paper's single-expert baseline, G = 8
+            runs.append(Run(f"expert{x}-grpo-s{s}", ["--preset", "expert-sft-grpo", "--expert", str(x), *seed, *riel],
+                            f"sft-expert{x}-s{s}", f"Expert{x}-SFT-GRPO"))
+        # "without MEF": RIEL from a base that has seen no teacher. The base is the same MEF steps on
+        # the data set's gold solutions under every expert prompt: it knows every family (the gold
+        # solutions have no blind spot) and the prompts, in no teacher's format. So it tests MEF
+        # with blind teachers against SFT on the data set's own solutions, not MEF against nothing.
+        runs.append(Run(f"sft-gold-s{s}", ["--preset", "moe-sft", "--synthetic-teachers", "gold", *seed, *EVALUATION],
+                        group="Gold-SFT"))
         runs.append(Run(f"meml-no-mef-s{s}", ["--preset", "meml-no-mef", *seed, *riel], f"sft-gold-s{s}",
                         "MEML-GRPO w/o MEF"))
-        for x in EXPERTS:
-            one = ["--preset", "expert-sft-grpo", "--expert", str(x), *seed, *riel]
-            runs.append(Run(f"expert{x}-grpo-s{s}", one, f"sft-expert{x}-s{s}", f"Expert{x}-SFT-GRPO"))
-            # as many rollouts per question as MEML's N x G, for one expert
-            runs.append(Run(f"expert{x}-grpo-nxg-s{s}", [*one, "--group-size", "24"], f"sft-expert{x}-s{s}",
-                            f"Expert{x}-SFT-GRPO, N x G rollouts"))
-    for s in FEW_SEEDS:
-        seed = ["--seed", str(s)]
         for x in EXPERTS:  # how learnable each format is: the teacher without its blind spot
             runs.append(Run(f"fmt-expert{x}-s{s}", ["--preset", "expert-sft", "--expert", str(x),
                                                      "--synthetic-teachers", "correct", *seed, *EVALUATION],
@@ -144,7 +159,7 @@ def keep(run: Run, started: float) -> None:
     with open(src / "metrics.jsonl") as f, open(dst / "metrics.jsonl", "w") as out:
         for line in f:  # floats to 6 significant digits: a third of the size, every figure kept
             out.write(json.dumps(json.loads(line, parse_float=lambda x: float(f"{float(x):.6g}"))) + "\n")
-    info = {"name": run.name, "group": run.group, "seed": run.seed, "init_from": run.init_from,
+    info = {"name": run.name, "group": run.group, "seed": run.seed, "init_from": run.init_from, "matches": run.matches,
             "command": " ".join(run.command(Path("runs/reference"))), "commit": commit_of(src),
             "date": time.strftime("%Y-%m-%d"), "wall_seconds": round(time.time() - started)}
     (dst / "run.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -158,8 +173,8 @@ def run_all(selected: list[Run], jobs: int) -> int:
         for run in list(pending):
             if len(running) >= jobs:
                 break
-            ready = run.init_from is None or (SCRATCH / run.init_from / "results.json").exists()
-            if run.init_from in [r.name for r in failed]:
+            ready = all((SCRATCH / name / "results.json").exists() for name in run.needs)
+            if set(run.needs) & {r.name for r in failed}:
                 pending.remove(run)
                 failed.append(run)
                 continue
@@ -185,10 +200,10 @@ def run_all(selected: list[Run], jobs: int) -> int:
                 failed.append(run)
                 print(f"{time.strftime('%H:%M:%S')} FAILED {name} (exit {proc.returncode}): {SCRATCH / name}.log",
                       flush=True)
-        if pending and not running and all(r.init_from and not (SCRATCH / r.init_from / "results.json").exists()
+        if pending and not running and all(any(not (SCRATCH / n / "results.json").exists() for n in r.needs)
                                            for r in pending):
             for run in pending:
-                print(f"cannot start {run.name}: {run.init_from} is not in {SCRATCH}", flush=True)
+                print(f"cannot start {run.name}: {', '.join(run.needs)} not all in {SCRATCH}", flush=True)
             failed += pending
             pending = []
     return 1 if failed else 0

@@ -58,13 +58,15 @@ def t_quantile(p: float, df: int) -> float:
 
 def paired_t(diffs: list[float], level: float = 0.95) -> tuple[float, float, float, float]:
     """(mean, low, high, two-sided p) of the paired differences, t at len(diffs) − 1 degrees of
-    freedom. With one difference, or none that differ, the interval is undefined (nan)."""
+    freedom. With one difference the interval is undefined (nan). Differences that are all equal
+    (to float noise: they are differences of k/n fractions) give the point interval and p = 0,
+    or p = 1 when they are all 0."""
     n = len(diffs)
     mean = sum(diffs) / n
     if n < 2:
         return mean, math.nan, math.nan, math.nan
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    if sd == 0:
+    if sd < 1e-12 * max(1.0, abs(mean)):
         return mean, mean, mean, (1.0 if mean == 0 else 0.0)
     se = sd / math.sqrt(n)
     half = t_quantile(0.5 + level / 2, n - 1) * se

@@ -80,6 +80,8 @@ TRAIN_CASES = [
     (["--model", "{model}", "--dataset", "gsm8k", "--data", "{data}", "--synthetic-teachers", "gold"],
      "--synthetic-teachers picks the built-in world's teachers"),
     (["--synthetic-teachers", "perfect"], "argument --synthetic-teachers: invalid choice"),
+    (["--buffer-control", "{data}", "--no-hard-example-buffer"], "--buffer-control is a control for the buffer"),
+    (["--buffer-control", "{data}"], "no RIEL step with buffer/insertions"),
     # numbers that cannot work (item 9)
     (["--lambda1", "nan"], "--lambda1 nan: must be a finite number"),
     (["--beta", "inf"], "--beta inf: must be a finite number"),

@@ -77,30 +77,33 @@ def test_bad_settings_are_refused():
         HardExampleBuffer(capacity=0)
 
 
-def test_control_buffer_takes_as_many_items_at_random_from_the_step():
-    """--buffer-control: the same coins as the method's buffer decide how many items enter; each
-    is a uniform draw from the step's (question, expert) pool instead of the hard group."""
+def test_control_buffer_takes_the_matched_runs_count_at_random_from_the_step():
+    """--buffer-control: step t takes quota[t] items (the matched run's buffer/insertions at its
+    step t), each a uniform draw from the step's (question, expert) pool, hard or not; it pops
+    when full like the method's buffer; its stream and step count are saved and restored."""
     examples = [type("Ex", (), {"id": f"q{k}"})() for k in range(6)]
     rewards = torch.zeros(6, 3, 8)
     rewards[:, 1] = 1.0                                  # expert 1 always right: never hard
-    method, control = HardExampleBuffer(100, 6, 8, seed=4), HardExampleBuffer(100, 6, 8, seed=4, control=True)
-    hard_items, n_method = fill_buffer(method, examples, rewards)
-    _, n_control = fill_buffer(control, examples, rewards)
-    assert n_method == n_control == len(method) == len(control) > 0
-    assert all(i != 1 for _, i in method.items)          # the method takes hard groups only
+    control = HardExampleBuffer(5, 6, 8, seed=4, quota=[3, 0, 4])
     pool = [(f"q{k}", i) for k in range(6) for i in range(3)]
-    assert set(control.items) <= set(pool) and control.items != method.items
-    # many draws: every (question, expert) of the pool is taken, expert 1 included, about equally
-    big = HardExampleBuffer(10**6, 7, 8, seed=1, control=True)  # all wrong: 7 in 8 groups enter
-    for _ in range(300):
-        fill_buffer(big, examples, torch.zeros(6, 3, 8))
-    counts = torch.bincount(torch.tensor([pool.index(item) for item in big.items]), minlength=18)
-    assert counts.min() > 0 and counts.max() < 2 * counts.min()
-    # its stream is saved and restored; a buffer of the other kind refuses the state
+    popped, n = fill_buffer(control, examples, rewards)
+    assert (popped, n, len(control)) == ([], 3, 3) and set(control.items) <= set(pool)
+    assert fill_buffer(control, examples, rewards) == ([], 0)
     state = control.state_dict()
-    again = HardExampleBuffer(100, 6, 8, seed=99, control=True)
+    popped, n = fill_buffer(control, examples, rewards)    # 3 + 4 items: one fill of B = 5 pops
+    assert n == 4 and len(popped) == 5 and len(control) == 2
+    assert fill_buffer(control, examples, rewards) == ([], 0)  # past the matched run's last step
+    again = HardExampleBuffer(5, 6, 8, seed=99, quota=[3, 0, 4])
     again.load_state_dict(state)
-    a, b = fill_buffer(control, examples, rewards), fill_buffer(again, examples, rewards)
-    assert a == b and control.items == again.items
+    assert fill_buffer(again, examples, rewards) == (popped, 4)  # resumed: the same draws
+    # many draws: every (question, expert) of the pool is taken, expert 1 included, about equally
+    big = HardExampleBuffer(10**6, 6, 8, seed=1, quota=[50] * 300)
+    for _ in range(300):
+        fill_buffer(big, examples, rewards)
+    counts = torch.bincount(torch.tensor([pool.index(item) for item in big.items]), minlength=18)
+    assert counts.min() > 0.8 * counts.float().mean() and counts.max() < 1.2 * counts.float().mean()
+    # a buffer of the other kind refuses the state, before changing anything
+    plain = HardExampleBuffer(5, 6, 8)
     with pytest.raises(InputError, match="--buffer-control"):
-        HardExampleBuffer(100, 6, 8).load_state_dict(state)
+        plain.load_state_dict(state)
+    assert plain.items == []

@@ -27,6 +27,8 @@ def test_every_option_is_a_flag_that_sets_its_field():
             argv += ["--loss", "clipped"]
         if key == "lora_targets":  # a list of projection names
             value, argv = "q_proj", [flag_name(key), "q_proj"]
+        if key == "riel.buffer_control":  # a path
+            value, argv = "m.jsonl", [flag_name(key), "m.jsonl"]
         if key in ("lora_alpha", "lora_targets"):  # meaningless without adapters (an error)
             argv += ["--lora-rank", "4"]
         cfg = parse(argv)

@@ -53,6 +53,9 @@ def test_t_distribution_against_its_closed_forms():
 
 
 def test_paired_t_interval_by_hand():
+    # equal differences of k/n fractions carry float noise; they still read as one exact value
+    assert stats.paired_t([0.8 - 0.7, 0.5 - 0.4, 0.3 - 0.2])[3] == 0.0
+    assert stats.paired_t([0.0, 0.0])[1:] == (0.0, 0.0, 1.0)
     # differences 1, 2, 3: mean 2, s.d. 1, s.e. 1/√3, t(0.975, 2) = 0.95 / sqrt(0.04875)
     mean, low, high, p = stats.paired_t([1.0, 2.0, 3.0])
     half = 0.95 / math.sqrt(0.04875) / math.sqrt(3)
@@ -134,8 +137,11 @@ def test_one_model_per_expert_takes_the_dev_choice_among_the_models():
 def test_blind_spot_margin_by_hand():
     fam = {"sub": [0.05, 0.6, 0.7], "groups": [0.9, 0.1, 0.95], "mul": [0.8, 0.85, 0.3]}
     r = _run("MoE-SFT", 0, _result([[1, 1, 1]], families=fam))
-    margins = report.blind_spot_margins([r])
-    assert margins == pytest.approx({"sub": 0.55, "groups": 0.8, "mul": 0.5})
+    other = {"sub": [0.5, 0.5, 0.5], "groups": [0.9, 0.85, 0.95], "mul": [0.8, 0.85, 0.9]}  # margins 0, .05, −.1
+    margins = report.blind_spot_margins([r, _run("MoE-SFT", 1, _result([[1, 1, 1]], families=other))])
+    assert margins == {"sub": (pytest.approx(0.275), pytest.approx(0.0)),
+                       "groups": (pytest.approx(0.425), pytest.approx(0.05)),
+                       "mul": (pytest.approx(0.2), pytest.approx(-0.1))}
 
 
 def test_teacher_overlap_against_the_questions_read_independently():
