@@ -207,3 +207,21 @@ def test_premise_checks_hold_or_fail_by_their_thresholds():
         return report.with_derived({"MoE-SFT-GRPO": runs})
     assert by_name(report.premise_checks(grpo(5)), "RL matters").holds is True
     assert by_name(report.premise_checks(grpo(4)), "RL matters").holds is False
+
+
+def test_the_questions_a_teacher_misreads_are_read_from_the_question_text():
+    pool = report.misread_by(3)
+    assert len(pool) == 1300
+    problems = {p.id: p for p in synthetic.generate_problems(1300, "eval", seed=3)}
+    for qid, blind in list(pool.items())[:400]:
+        text = problems[qid].question()
+        truth = read_question(text)[1]
+        assert blind == [read_question(text, blind_to=k)[1] != truth for k in synthetic.BLIND_SPOTS]
+    # an expert's accuracy where its teacher misreads: expert 1 right only on what teacher 1 misread
+    ids = [qid for qid in list(pool)[:60]]
+    rows = [[1, int(pool[qid][1]), 0] for qid in ids]
+    r = _run("MoE-SFT", 3, _result(rows))
+    for q, qid in zip(r.final["per_question"], ids):
+        q["id"] = qid
+    assert report.blind_accuracy(r, True) == pytest.approx((1 + 1 + 0) / 3)
+    assert report.blind_accuracy(r, False) == pytest.approx((1 + 0 + 0) / 3)
