@@ -14,8 +14,8 @@ the world itself) and judged against the threshold the issue that asked for it s
 SETTING = """\
 **The setting.** The built-in synthetic arithmetic world (`meml/synthetic.py`): two-step word
 problems in families named by their one step that is not a plain gain (a loss, "a bags of b",
-"grow k times"; a few problems have two such steps). Three programmatic teachers each misread one
-family (a loss as a gain; a bags of b as a + b more; grow k times as k more), do their arithmetic
+"grow k times"; a few problems have two such steps). Three programmatic teachers each misread part
+of one family (a loss as a gain; a bags of b as a + b more; grow k times as k more), do their arithmetic
 right and write their own format; D1 drops their wrong answers, so each expert never sees the
 part of its family its teacher misreads (a loss of eight or more, bags of five or more, growing
 three times) in its own format; it sees the rest. The gold solution, the buffer's SFT target, is a fourth format

@@ -501,7 +501,8 @@ def verdict_sentences(groups) -> str:
             word = ("not shown either way" if v == "not shown" else
                     f"{a if v.startswith('A') else b} is ahead" + v[8:])
             said.append(f"on the {view} {100 * p.diff:+.1f} points [{100 * p.low:+.1f}, {100 * p.high:+.1f}]: {word}")
-        lines.append(f"- {what[0].upper() + what[1:]} ({a} − {b}, {p.seeds} seeds): " + "; ".join(said) + ".")
+        seeds = f"{p.seeds} seed" + "s" * (p.seeds != 1)
+        lines.append(f"- {what[0].upper() + what[1:]} ({a} − {b}, {seeds}): " + "; ".join(said) + ".")
     return "\n".join(lines)
 
 
@@ -550,7 +551,7 @@ def render(groups, figures: list[tuple[str, str, object]]) -> str:
         "",
         verdict_sentences(groups),
         "",
-        "## Secondary comparisons (not counted in the multiplicity above)",
+        f"## Secondary comparisons ({len(SECONDARY)}, each on both views; not counted in the multiplicity above)",
         "",
         comparisons_table(groups, SECONDARY, 1),
         "",
