@@ -225,3 +225,20 @@ def test_the_questions_a_teacher_misreads_are_read_from_the_question_text():
         q["id"] = qid
     assert report.blind_accuracy(r, True) == pytest.approx((1 + 1 + 0) / 3)
     assert report.blind_accuracy(r, False) == pytest.approx((1 + 0 + 0) / 3)
+
+
+def test_compute_table_by_hand(tmp_path):
+    """Two RIEL steps of one run: what it spent and how its loss was made up."""
+    import json
+    steps = [{"stage": "riel", "step": 1, "compute/rollouts": 192, "compute/sampled_tokens": 1000,
+              "compute/sft_tokens": 0, "buffer/sft_items": 0, "loss/policy": -0.02, "loss/inter_expert_kl": 0.5,
+              "loss/sft": 0.0},
+             {"stage": "riel", "step": 2, "compute/rollouts": 192, "compute/sampled_tokens": 1200,
+              "compute/sft_tokens": 2000, "buffer/sft_items": 64, "loss/policy": 0.04, "loss/inter_expert_kl": 0.3,
+              "loss/sft": 0.8}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in steps))
+    run = report.Run("meml-grpo-s0", {"group": "MEML-GRPO", "seed": 0, "command": "--preset meml-grpo --lambda2 2"},
+                     {"results": {"after RIEL": _result([[1, 1, 1]])}}, tmp_path)
+    row = report.compute_table({"MEML-GRPO": [run]}).splitlines()[2]
+    # λ1 = 0.1 (default): mean(0.05, 0.03) / mean(0.02, 0.04) = 1.3; λ2 = 2: 1.6 / 0.03 on the SFT step
+    assert row == "| MEML-GRPO | 384 | 2,200 | 64 | 2,000 | 50 % | 1.3x | 53.3x |"
