@@ -1,7 +1,7 @@
 """The front door: load a checkpoint with its tokenizer, and turn conversations into completions.
 
     from meml.inference import load, complete
-    model, tokenizer = load("runs/default/checkpoint-004300")
+    model, tokenizer = load("runs/default/checkpoint-004400")
     out = complete(model, tokenizer, ["What is 17 + 25?"])             # greedy
     print(out.texts[0])
     out = complete(model, tokenizer, [[{"role": "system", "content": "You are Expert 1."},

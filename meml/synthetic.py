@@ -63,7 +63,6 @@ class Step:
         raise ValueError(f"unknown step kind {self.kind!r}")
 
 
-SPECIAL = ("sub", "groups", "mul")   # the step kinds that name a family
 # Family -> share of the problems. A single family pairs its step with a "finds" step (in
 # either order); a two-kind family has one step of each kind and no "finds".
 FAMILY_MIX = {"sub": 0.31, "groups": 0.31, "mul": 0.32,
