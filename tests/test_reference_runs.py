@@ -196,7 +196,8 @@ def test_premise_checks_hold_or_fail_by_their_thresholds():
     fmt = {f"Expert{x}-SFT, no blind spot": [_run("F", 0, _result([[1]] * (60 + 6 * x) + [[0]] * (40 - 6 * x)))]
            for x in range(3)}                                                         # 60, 66, 72 %: spread 12
     assert by_name(report.premise_checks(fmt), "privileged").holds is False
-    # RL matters: 5 seeds of +6 points (start 0.5, final 0.56 on 50 questions) hold; 4 seeds do not
+    # RL matters: 5 seeds of +6 points (start 0.5, final 0.56 on 50 questions) hold; with 4 of the
+    # 5 seeds run it is not judged yet
     def grpo(seeds):
         runs = []
         for s in range(seeds):
@@ -206,7 +207,7 @@ def test_premise_checks_hold_or_fail_by_their_thresholds():
             runs.append(r)
         return report.with_derived({"MoE-SFT-GRPO": runs})
     assert by_name(report.premise_checks(grpo(5)), "RL matters").holds is True
-    assert by_name(report.premise_checks(grpo(4)), "RL matters").holds is False
+    assert by_name(report.premise_checks(grpo(4)), "RL matters").holds is None
 
 
 def test_the_questions_a_teacher_misreads_are_read_from_the_question_text():
