@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from meml import data, distributed, lora, memory, plots, report_to, run_folder, synthetic
-from meml.buffer import HardExampleBuffer
+from meml.buffer import HardExampleBuffer, quota_from_metrics
 from meml.checkpoint import TRAINER_STATE, latest_checkpoint, loadable_checkpoint
 from meml.config import PRESETS, TrainConfig, add_option_flags, flag_name, make_config, overrides_from
 from meml.errors import ArgumentParser, InputError, count_at_least, positive_number
@@ -142,26 +142,6 @@ def resumed_args(args, argv: list[str]) -> tuple[argparse.Namespace, list[str], 
         saved = saved + ["--dtype", "float32"]
     command = saved + changes
     return parse_args(command + ["--resume", str(args.resume)]), command, changes
-
-
-def control_quota(path: str) -> list[int]:
-    """--buffer-control: per RIEL step, how many items the matched run's buffer took."""
-    taken = {}
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"--buffer-control {path}: cannot read it ({err.__class__.__name__})") from None
-    for n, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line) if line.strip() else {}
-        except json.JSONDecodeError:
-            raise InputError(f"{path}:{n}: not a JSON line of a metrics.jsonl") from None
-        if row.get("stage") == "riel" and "buffer/insertions" in row:
-            taken.setdefault(row["step"], row["buffer/insertions"])  # the first line of a step (μ > 1)
-    if not taken:
-        raise InputError(f"--buffer-control {path}: no RIEL step with buffer/insertions in it (name the "
-                         "metrics.jsonl of a run with the hard-example buffer)")
-    return [taken.get(step, 0) for step in range(min(taken), max(taken) + 1)]
 
 
 def check_applicable(args) -> None:
@@ -290,7 +270,7 @@ def run_riel(task: Task, cfg: TrainConfig, run_dir: Path, state: dict | None, ch
           f"{len(task.system_prompts)} experts x G={r.group_size}")
     # rollouts draw from keys of (seed, step, question, expert, rollout): nothing to save for
     # resume, the same at any world size (D22); the buffer's coins come from its own generator
-    quota = control_quota(r.buffer_control) if r.buffer_control else None
+    quota = quota_from_metrics(r.buffer_control) if r.buffer_control else None
     buffer = (HardExampleBuffer(r.buffer_capacity, r.buffer_k, r.group_size, cfg.seed, quota=quota)
               if r.hard_example_buffer else None)
     # the parts of E7 this run leaves out (weight 0; E6 without a buffer) stay off the progress line
@@ -405,7 +385,7 @@ def run(argv=None) -> int:
     report_to.require(args.report_to)
     cfg = make_config(args.preset, synthetic=args.model is None, overrides=overrides_from(args))
     if cfg.riel.buffer_control:
-        control_quota(cfg.riel.buffer_control)  # a bad file is named now, before the run folder exists
+        quota_from_metrics(cfg.riel.buffer_control)  # a bad file is named now, before the run folder exists
     if args.init_from is not None:
         if not cfg.run_riel:
             raise InputError(f"--init-from skips MEF, and --preset {cfg.preset} has no RIEL stage: nothing to run")

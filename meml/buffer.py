@@ -12,6 +12,8 @@ solution by default, or expert i's own reference answer) is the trainer's option
 The coin flips come from the buffer's own seeded torch.Generator, saved in `state_dict()`,
 so a resumed run makes the same choices as an uninterrupted one.
 """
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -108,3 +110,23 @@ class HardExampleBuffer:
         if self.control is not None:
             self.control.set_state(state["control_state"])
             self.steps = state["control_steps"]
+
+
+def quota_from_metrics(path: str) -> list[int]:
+    """--buffer-control: per RIEL step, how many items the matched run's buffer took."""
+    taken = {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"--buffer-control {path}: cannot read it ({err.__class__.__name__})") from None
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError:
+            raise InputError(f"{path}:{n}: not a JSON line of a metrics.jsonl") from None
+        if row.get("stage") == "riel" and "buffer/insertions" in row:
+            taken.setdefault(row["step"], row["buffer/insertions"])  # the first line of a step (μ > 1)
+    if not taken:
+        raise InputError(f"--buffer-control {path}: no RIEL step with buffer/insertions in it (name the "
+                         "metrics.jsonl of a run with the hard-example buffer)")
+    return [taken.get(step, 0) for step in range(min(taken), max(taken) + 1)]

@@ -5,6 +5,7 @@ import json
 import pytest
 
 import train
+from meml.buffer import quota_from_metrics
 from meml.errors import InputError
 
 TINY = ["--mef-steps", "2", "--riel-steps", "3", "--train-size", "8", "--eval-size", "2", "--pass-k", "0",
@@ -40,12 +41,12 @@ def test_control_quota_reads_the_first_line_of_each_step_and_names_a_bad_line(tm
         {"stage": "riel", "step": 1, "buffer/insertions": 4},     # μ = 2: the same step again
         {"stage": "riel", "step": 2, "samples": []},
         {"stage": "riel", "step": 3, "buffer/insertions": 1}]) + "\n")
-    assert train.control_quota(str(f)) == [4, 0, 1]
+    assert quota_from_metrics(str(f)) == [4, 0, 1]
     f.write_text('{"stage": "riel", "step": 1, "buffer/insertions": 4}\nnot json\n')
     with pytest.raises(InputError, match=r"metrics.jsonl:2: not a JSON line"):
-        train.control_quota(str(f))
+        quota_from_metrics(str(f))
     f.write_text('{"stage": "mef", "step": 1}\n')
     with pytest.raises(InputError, match="no RIEL step with buffer/insertions"):
-        train.control_quota(str(f))
+        quota_from_metrics(str(f))
     with pytest.raises(InputError, match="cannot read it"):
-        train.control_quota(str(tmp_path / "missing.jsonl"))
+        quota_from_metrics(str(tmp_path / "missing.jsonl"))
