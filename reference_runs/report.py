@@ -7,45 +7,23 @@ Every number in the README is computed here from reference_runs/runs/<name>/{run
 results.json, metrics.jsonl} (and the premise's teacher figures from meml/synthetic.py itself);
 no figure is typed by hand, and the reading's verdicts are computed with their numbers.
 tests/test_reference_runs.py checks that this script, run on the committed folders, gives the
-committed README byte for byte.
-
-Statistics (reference_runs/stats.py). A method's figure is the mean over its seeds (± the seeds'
-standard deviation). A comparison A − B pairs the two methods' runs by seed (same synthetic
-world, same SFT start where both start from one, same 1000 held-out questions); its interval is
-the paired t interval over seeds (95 %, t at seeds − 1 degrees of freedom). Beside it, the
-question-level standard error (per seed the s.d. of the per-question differences / √questions,
-combined over seeds) shows how much of the spread evaluation alone would give. Each comparison
-is made on two views: the expert chosen on the dev split (the paper's inference mode: one model,
-one prompt) and the mean over experts.
+committed README byte for byte. How runs are loaded and compared (the statistics) is
+compare.py; the premise checks are premise.py.
 """
 import argparse
-import json
-import math
 import sys
-from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
-from meml import plots, synthetic  # noqa: E402
+from compare import (RIEL_METHODS, SFT_METHODS, SINGLE, VIEWS, Run, dev_chosen, expert_of, load_runs,  # noqa: E402
+                     mean, mean_expert, mean_sd, paired, pct)
+from meml import plots  # noqa: E402
 from meml.config import PRESETS, SYNTHETIC_SETTINGS, RielConfig  # noqa: E402
-from meml.rewards import verifier_for  # noqa: E402
+from premise import FAMILIES, Check, blind_accuracy, metric_mean, premise_checks  # noqa: E402
 from reading import READING  # noqa: E402  (the hand-written words; every number and verdict is computed)
-from runs import EVALUATION, PRIMARY, SEEDS, plan  # noqa: E402
-from stats import paired_t  # noqa: E402
+from runs import PRIMARY, SEEDS, plan  # noqa: E402
 
-FAMILIES = synthetic.BLIND_SPOTS  # the one-kind families; expert i's teacher is blind to FAMILIES[i]
-SFT_METHODS = ["Expert0-SFT", "Expert1-SFT", "Expert2-SFT", "MoE-SFT", "MoE-SFT, equal steps per format",
-               "Gold-SFT"]
-RIEL_METHODS = ["MoE-SFT-GRPO", "MoE-SFT-Dr.GRPO", "MoE-SFT-GRPO + dynamic sampling", "MEML-GRPO",
-                "MEML-GRPO buffer control", "MEML-GRPO w/o buffer", "MEML-GRPO w/o inter-expert",
-                "MEML-GRPO E3 only", "MEML-GRPO w/o MEF"]
-SINGLE = {  # one model per expert, taken together: (its runs' group, with "{x}" for the expert)
-    "Single expert, SFT": "Expert{x}-SFT",
-    "Single expert, GRPO": "Expert{x}-SFT-GRPO",
-    "Single expert, N x G rollouts": "Expert{x}-SFT-GRPO, N x G rollouts",
-}
 SECONDARY = [  # (A, B, what A − B measures): read beside the primary ones, not counted with them
     ("MEML-GRPO", "MEML-GRPO start", "what MEML's RIEL adds to its MoE-SFT start"),
     ("MEML-GRPO", "MEML-GRPO w/o MEF", "MEF with blind teachers, or SFT on the gold solutions, before MEML's RIEL"),
@@ -58,259 +36,6 @@ SECONDARY = [  # (A, B, what A − B measures): read beside the primary ones, no
     ("MoE-SFT", "Single expert, SFT", "the paper's MEF claim: one model on all teachers, or one per teacher"),
     ("MoE-SFT, equal steps per format", "MoE-SFT", "MoE-SFT given each format as many steps as ExpertX-SFT"),
 ]
-LEVEL = 0.95
-EPS = 1e-9  # thresholds are met by k/n fractions: 0.9 − 0.8 is 0.0999… in floats
-
-
-@dataclass
-class Run:
-    name: str
-    info: dict      # run.json
-    results: dict   # results.json
-    folder: Path | None
-
-    @property
-    def group(self) -> str:
-        return self.info["group"]
-
-    @property
-    def seed(self) -> int:
-        return self.info["seed"]
-
-    @property
-    def final(self) -> dict:
-        r = self.results["results"]
-        return r.get("after RIEL") or r["after MEF"]
-
-    @property
-    def start(self) -> dict | None:
-        r = self.results["results"]
-        return r.get("before RIEL") or (r.get("after MEF") if r.get("after RIEL") else None)
-
-    def metrics(self) -> list[dict]:
-        return plots.read_metrics(self.folder / "metrics.jsonl") if self.folder else []
-
-
-def load_runs(folder: Path) -> dict[str, list[Run]]:
-    """group -> its runs, in seed order; plus each group's start ("X start": its runs' first
-    evaluation) and the one-model-per-expert groups of SINGLE."""
-    groups: dict[str, list[Run]] = {}
-    for run_dir in sorted(p for p in folder.iterdir() if (p / "results.json").exists()):
-        run = Run(run_dir.name, json.loads((run_dir / "run.json").read_text()),
-                  json.loads((run_dir / "results.json").read_text()), run_dir)
-        groups.setdefault(run.group, []).append(run)
-    return with_derived({g: sorted(runs, key=lambda r: r.seed) for g, runs in groups.items()})
-
-
-def with_derived(groups: dict[str, list[Run]]) -> dict[str, list[Run]]:
-    out = dict(groups)
-    for name in RIEL_METHODS:
-        if name in groups:
-            out[f"{name} start"] = [Run(r.name, r.info, {"results": {"after MEF": r.start}}, None) for r in groups[name]]
-    for name, pattern in SINGLE.items():
-        per_expert = [{r.seed: r for r in groups.get(pattern.format(x=x), [])} for x in range(3)]
-        seeds = sorted(set.intersection(*(set(runs) for runs in per_expert)))
-        if seeds:
-            out[name] = [Run(f"{name} s{s}", {"group": name, "seed": s},
-                             {"results": {"after MEF": one_per_expert([runs[s].final for runs in per_expert])}}, None)
-                         for s in seeds]
-    return out
-
-
-def one_per_expert(results: list[dict]) -> dict:
-    """Three single-expert models' results as one three-expert result: each question's
-    correctness per model, and the dev choice among the models (ties: the lowest index)."""
-    dev = [r["dev_choice"]["dev_accuracy"][0] for r in results]
-    chosen = dev.index(max(dev))
-    rows = [{"id": rows[0]["id"], "correct": [row["correct"][0] for row in rows]}
-            for rows in zip(*(r["per_question"] for r in results))]
-    return {"accuracy": [r["accuracy"][0] for r in results], "per_question": rows,
-            "oracle": mean([float(any(row["correct"])) for row in rows]),
-            "dev_choice": {"dev_accuracy": dev, "expert": chosen, "accuracy": results[chosen]["accuracy"][0]},
-            "by_family": {f: {"accuracy": [r["by_family"][f]["accuracy"][0] for r in results]}
-                          for f in results[0].get("by_family", {})}}
-
-
-# ---------------------------------------------------------------------------------------------
-# Numbers
-
-def mean(xs):
-    return sum(xs) / len(xs)
-
-
-def sd(xs):
-    return math.sqrt(sum((x - mean(xs)) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan")
-
-
-def pct(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
-def mean_sd(xs: list[float]) -> str:
-    if not xs:
-        return "–"
-    return pct(mean(xs)) + ("" if len(xs) < 2 else f" ± {100 * sd(xs):.1f}")
-
-
-def mean_expert(result: dict) -> float:
-    return mean(result["accuracy"])
-
-
-def dev_chosen(result: dict) -> float:
-    return result["dev_choice"]["accuracy"]
-
-
-VIEWS = {  # name -> (one number of a result, its per-question correctness)
-    "dev-chosen expert": (dev_chosen, lambda r: [float(q["correct"][r["dev_choice"]["expert"]])
-                                                 for q in r["per_question"]]),
-    "mean expert": (mean_expert, lambda r: [mean(q["correct"]) for q in r["per_question"]]),
-}
-
-
-@dataclass
-class Paired:
-    """A − B over the seeds both have: the paired t interval over seeds, and the standard error
-    that the questions alone would give."""
-    diffs: list[float]          # per seed
-    se_questions: float
-    low: float = field(init=False)
-    high: float = field(init=False)
-    p: float = field(init=False)
-
-    def __post_init__(self):
-        _, self.low, self.high, self.p = paired_t(self.diffs, LEVEL)
-
-    @property
-    def diff(self) -> float:
-        return mean(self.diffs)
-
-    @property
-    def seeds(self) -> int:
-        return len(self.diffs)
-
-    def verdict(self, comparisons: int = 1) -> str:
-        """"A better" / "B better" when the 95 % interval excludes 0 (and, with several
-        comparisons, "(holds at 0.05 / comparisons)" when p is below that too)."""
-        if self.seeds < 2 or self.low <= 0 <= self.high:
-            return "not shown"
-        word = "A better" if self.diff > 0 else "B better"
-        if comparisons > 1:
-            word += " (Bonferroni: holds)" if self.p < 0.05 / comparisons else " (Bonferroni: not shown)"
-        return word
-
-    def __str__(self) -> str:
-        if self.seeds < 2:
-            return f"{100 * self.diff:+.1f} (one seed)"
-        return (f"{100 * self.diff:+.1f} [{100 * self.low:+.1f}, {100 * self.high:+.1f}], p = {self.p:.3f}; "
-                f"s.e. questions {100 * self.se_questions:.1f}")
-
-
-def paired(a: list[Run], b: list[Run], view: str) -> Paired | None:
-    number, per_question = VIEWS[view]
-    b_by_seed = {r.seed: r for r in b}
-    pairs = [(ra.final, b_by_seed[ra.seed].final) for ra in a if ra.seed in b_by_seed]
-    if not pairs:
-        return None
-    variances = []
-    for ra, rb in pairs:
-        if [q["id"] for q in ra["per_question"]] != [q["id"] for q in rb["per_question"]]:
-            raise ValueError("a paired comparison of results on different questions")
-        d = [x - y for x, y in zip(per_question(ra), per_question(rb))]
-        variances.append(sd(d) ** 2 / len(d))
-    return Paired([number(ra) - number(rb) for ra, rb in pairs], math.sqrt(sum(variances)) / len(pairs))
-
-
-def expert_of(run: Run) -> int | None:
-    words = run.info.get("command", "").split()
-    return int(words[words.index("--expert") + 1]) if "--expert" in words else None
-
-
-# ---------------------------------------------------------------------------------------------
-# The premise (issue 23): checked before any comparison is read
-
-def teacher_overlap(seeds) -> dict:
-    """The teachers' errors on each seed's training questions (meml/synthetic.py's world as
-    train.py builds it, judged by the verifier D1 uses): each teacher's error rate, and the share
-    of questions wrong for two or more."""
-    rates, both, verifier = [], [], verifier_for("synthetic")
-    for s in seeds:
-        train, _, answers = synthetic.load_synthetic(seed=s)
-        by_id = {ex.id: ex for ex in train}
-        wrong: dict[str, list[int]] = {}
-        for a in answers:
-            wrong.setdefault(a.id, []).append(int(verifier(a.response, by_id[a.id]) != 1.0))
-        rows = list(wrong.values())
-        rates.append([mean([row[i] for row in rows]) for i in range(3)])
-        both.append(mean([float(sum(row) >= 2) for row in rows]))
-    return {"rates": [mean([r[i] for r in rates]) for i in range(3)], "overlap": mean(both)}
-
-
-def blind_spot_margins(runs: list[Run]) -> dict[str, float]:
-    """Per one-kind family, after MoE-SFT: how far the experts whose teachers solve it are ahead
-    of the expert whose teacher is blind to part of it (the lower of the two margins): (mean over
-    seeds, the lowest seed's)."""
-    out = {}
-    for blind, family in enumerate(FAMILIES):
-        margins = []
-        for r in runs:
-            acc = r.final["by_family"][family]["accuracy"]
-            margins.append(min(acc[i] for i in range(3) if i != blind) - acc[blind])
-        out[family] = (mean(margins), min(margins))
-    return out
-
-
-def metric_mean(runs: list[Run], key: str) -> float | None:
-    values = [m[key] for r in runs for m in r.metrics() if key in m]
-    return mean(values) if values else None
-
-
-@dataclass
-class Check:
-    what: str
-    figure: str
-    holds: bool | None   # None: its runs are not there yet
-
-
-def premise_checks(groups) -> list[Check]:
-    checks = []
-    seeds = sorted({r.seed for r in groups.get("MoE-SFT", [])}) or list(SEEDS)
-    t = teacher_overlap(seeds)
-    checks.append(Check("the teachers err on different questions: two or more wrong on under 10 % of the "
-                        "training questions (the paper's teachers: 3.06 %)",
-                        f"{pct(t['overlap'])} % wrong for two or more; each teacher wrong on "
-                        + " / ".join(f"{pct(x)} %" for x in t["rates"]), t["overlap"] < 0.10))
-    fmt = [groups.get(f"Expert{x}-SFT, no blind spot", []) for x in range(3)]
-    if all(fmt):
-        means = [mean([r.final["accuracy"][0] for r in runs]) for runs in fmt]
-        checks.append(Check("no format is privileged: each teacher's format without its blind spot, learned "
-                            "alone at equal steps, within 5 points of the others",
-                            " / ".join(f"{pct(m)} %" for m in means) + f" (spread {100 * (max(means) - min(means)):.1f})",
-                            max(means) - min(means) <= 0.05 + EPS))
-    else:
-        checks.append(Check("no format is privileged (format learnability runs)", "not run yet", None))
-    moe = groups.get("MoE-SFT", [])
-    if moe:
-        margins = blind_spot_margins(moe)
-        checks.append(Check("after MoE-SFT each expert is ahead on its teacher's strong families: on every "
-                            "family, the experts taught it lead the blind one by at least 10 points",
-                            "; ".join(f"{f}: {100 * m:+.1f} (lowest seed {100 * low:+.1f})"
-                                      for f, (m, low) in margins.items()),
-                            min(m for m, _ in margins.values()) >= 0.10 - EPS))
-    else:
-        checks.append(Check("after MoE-SFT each expert is ahead on its teacher's strong families", "not run yet", None))
-    grpo = groups.get("MoE-SFT-GRPO", [])
-    rescuable, all_wrong = metric_mean(grpo, "premise/rescuable"), metric_mean(grpo, "premise/all_wrong")
-    checks.append(Check("reward sparsity that other experts can rescue: during GRPO from MoE-SFT, on at least "
-                        "10 % of questions one expert's G rollouts are all wrong while another's has a right one",
-                        "not run yet" if rescuable is None else
-                        f"{pct(rescuable)} % of questions (all N x G wrong: {pct(all_wrong)} %)",
-                        None if rescuable is None else rescuable >= 0.10 - EPS))
-    gain = paired(grpo, groups.get("MoE-SFT-GRPO start", []), "mean expert") if grpo else None
-    checks.append(Check("RL matters: GRPO raises its MoE-SFT start's held-out accuracy (mean expert) by at "
-                        f"least 5 points over {len(SEEDS)} seeds, the interval above 0",
-                        "not run yet" if gain is None else f"{gain} ({gain.seeds} of {len(SEEDS)} seeds)",
-                        None if gain is None or gain.seeds < len(SEEDS) else (gain.diff >= 0.05 - EPS and gain.low > 0)))
-    return checks
 
 
 def premise_table(checks: list[Check]) -> str:
@@ -345,23 +70,6 @@ def main_table(groups) -> str:
                      mean_sd([r.final["oracle"] for r in runs]) if multi else ""])
     return table(["method", "seeds", "expert 0", "expert 1", "expert 2", "dev-chosen expert", "mean expert",
                   "oracle"], rows)
-
-
-@cache
-def misread_by(seed: int) -> dict[str, list[bool]]:
-    """Eval question id -> for each expert, whether its teacher misreads the question (the
-    runs' held-out pool, rebuilt from meml/synthetic.py as train.py builds it)."""
-    pool = max(300, sum(int(EVALUATION[EVALUATION.index(flag) + 1]) for flag in ("--eval-size", "--dev-size")))
-    return {p.id: [any(synthetic.blind(kind, step) for step in p.steps) for kind in FAMILIES]
-            for p in synthetic.generate_problems(pool, "eval", seed)}
-
-
-def blind_accuracy(run: Run, misread: bool) -> float:
-    """Mean over experts of each expert's accuracy on the questions its teacher misreads (or on
-    the others)."""
-    blind = misread_by(run.seed)
-    rows = run.final["per_question"]
-    return mean([mean([q["correct"][i] for q in rows if blind[q["id"]][i] == misread]) for i in range(3)])
 
 
 def family_table(groups) -> str:

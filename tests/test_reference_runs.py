@@ -11,6 +11,8 @@ import pytest
 from conftest import REPO_ROOT
 
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "reference_runs"), str(REPO_ROOT / "tests")]
+import compare  # noqa: E402
+import premise  # noqa: E402
 import reading  # noqa: E402
 import report  # noqa: E402
 import runs  # noqa: E402
@@ -30,7 +32,7 @@ def test_every_planned_command_is_valid_train_input_and_starts_from_a_planned_ru
             assert plan[run.init_from].seed == run.seed and not plan[run.init_from].init_from
             assert list(plan).index(run.init_from) < list(plan).index(run.name)  # started first
     groups = {r.group for r in plan.values()}
-    derived = {f"{m} start" for m in report.RIEL_METHODS} | set(report.SINGLE)
+    derived = {f"{m} start" for m in compare.RIEL_METHODS} | set(compare.SINGLE)
     for a, b, _ in runs.PRIMARY + report.SECONDARY:  # every comparison names groups the plan makes
         assert {a, b} <= groups | derived, (a, b)
     for a, b, _ in runs.PRIMARY:  # primary ones on every seed
@@ -81,7 +83,7 @@ def _result(correct, dev_accuracy=None, families=None):
 
 
 def _run(group, seed, result, command=""):
-    return report.Run(f"{group}-s{seed}", {"group": group, "seed": seed, "command": command},
+    return compare.Run(f"{group}-s{seed}", {"group": group, "seed": seed, "command": command},
                       {"results": {"after MEF": result}}, None)
 
 
@@ -90,7 +92,7 @@ def test_paired_comparison_and_its_verdict_by_hand():
     a = [_run("A", 0, _result([[1], [1], [1], [0]])), _run("A", 1, _result([[1], [1], [0], [0]])),
          _run("A", 2, _result([[1], [1], [1], [1]]))]
     b = [_run("B", s, _result([[0], [0], [1], [0]])) for s in range(3)]
-    p = report.paired(a, b, "mean expert")
+    p = compare.paired(a, b, "mean expert")
     assert p.diffs == pytest.approx([0.5, 0.25, 0.75])
     mean, low, high, pv = stats.paired_t([0.5, 0.25, 0.75])
     assert (p.low, p.high, p.p) == pytest.approx((low, high, pv))
@@ -103,23 +105,23 @@ def test_paired_comparison_and_its_verdict_by_hand():
     # t = 0.5 / (0.25 / √3) = 2√3 at df 2: p = 1 − 2√3 / sqrt(14) = 0.074
     assert pv == pytest.approx(1 - 2 * math.sqrt(3) / math.sqrt(14))
     # five seeds of 0.4-0.6: s.e. 0.0354, half-width 2.776 · 0.0354 = 0.098; t = 14.1, p ~ 1.5e-4
-    clear = report.Paired([0.5, 0.6, 0.4, 0.55, 0.45], 0.01)
+    clear = compare.Paired([0.5, 0.6, 0.4, 0.55, 0.45], 0.01)
     assert clear.low == pytest.approx(0.5 - stats.t_quantile(0.975, 4) * math.sqrt(0.00625 / 5))
     assert clear.verdict() == "A better" and clear.verdict(comparisons=12) == "A better (Bonferroni: holds)"
-    assert report.Paired([-x for x in clear.diffs], 0.01).verdict() == "B better"
+    assert compare.Paired([-x for x in clear.diffs], 0.01).verdict() == "B better"
     # mean 0.2, s.e. 0.0707: t = 2.83, p = 0.047 at df 4 (the closed form above), an interval just
     # above 0 but p above the Bonferroni bound 0.05 / 12
-    assert report.Paired([0.1, 0.3, 0.0, 0.2, 0.4], 0.01).verdict(12) == "A better (Bonferroni: not shown)"
-    flat = report.paired(a, a, "mean expert")
+    assert compare.Paired([0.1, 0.3, 0.0, 0.2, 0.4], 0.01).verdict(12) == "A better (Bonferroni: not shown)"
+    flat = compare.paired(a, a, "mean expert")
     assert flat.verdict() == "not shown"
 
 
 def test_dev_view_reads_the_dev_chosen_expert():
     # expert 1 wins on dev but expert 0 on the eval questions: the view reports expert 1's
     r = _result([[1, 0], [1, 1], [1, 0]], dev_accuracy=[0.2, 0.9])
-    assert report.dev_chosen(r) == pytest.approx(1 / 3)
-    assert report.VIEWS["dev-chosen expert"][1](r) == [0.0, 1.0, 0.0]
-    assert report.VIEWS["mean expert"][1](r) == [0.5, 1.0, 0.5]
+    assert compare.dev_chosen(r) == pytest.approx(1 / 3)
+    assert compare.VIEWS["dev-chosen expert"][1](r) == [0.0, 1.0, 0.0]
+    assert compare.VIEWS["mean expert"][1](r) == [0.5, 1.0, 0.5]
 
 
 def test_one_model_per_expert_takes_the_dev_choice_among_the_models():
@@ -127,7 +129,7 @@ def test_one_model_per_expert_takes_the_dev_choice_among_the_models():
                _result([[0], [0], [1]], dev_accuracy=[0.5])]
     for r, f in zip(singles, (0.1, 0.2, 0.3)):
         r["by_family"] = {"sub": {"accuracy": [f]}}
-    joined = report.one_per_expert(singles)
+    joined = compare.one_per_expert(singles)
     assert joined["dev_choice"]["expert"] == 1  # the first of the tied best
     assert joined["dev_choice"]["accuracy"] == pytest.approx(2 / 3)
     assert [q["correct"] for q in joined["per_question"]] == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
@@ -138,7 +140,7 @@ def test_blind_spot_margin_by_hand():
     fam = {"sub": [0.05, 0.6, 0.7], "groups": [0.9, 0.1, 0.95], "mul": [0.8, 0.85, 0.3]}
     r = _run("MoE-SFT", 0, _result([[1, 1, 1]], families=fam))
     other = {"sub": [0.5, 0.5, 0.5], "groups": [0.9, 0.85, 0.95], "mul": [0.8, 0.85, 0.9]}  # margins 0, .05, −.1
-    margins = report.blind_spot_margins([r, _run("MoE-SFT", 1, _result([[1, 1, 1]], families=other))])
+    margins = premise.blind_spot_margins([r, _run("MoE-SFT", 1, _result([[1, 1, 1]], families=other))])
     assert margins == {"sub": (pytest.approx(0.275), pytest.approx(0.0)),
                        "groups": (pytest.approx(0.425), pytest.approx(0.05)),
                        "mul": (pytest.approx(0.2), pytest.approx(-0.1))}
@@ -148,7 +150,7 @@ def test_teacher_overlap_against_the_questions_read_independently():
     problems = synthetic.generate_problems(3000, "train", seed=0)
     wrong = [[read_question(p.question(), blind_to=k)[1] != read_question(p.question())[1]
               for k in synthetic.BLIND_SPOTS] for p in problems]
-    got = report.teacher_overlap([0])
+    got = premise.teacher_overlap([0])
     assert got["overlap"] == pytest.approx(sum(sum(w) >= 2 for w in wrong) / len(problems))
     assert got["rates"] == pytest.approx([sum(w[i] for w in wrong) / len(problems) for i in range(3)])
 
@@ -190,12 +192,12 @@ def test_premise_checks_hold_or_fail_by_their_thresholds():
         fam = {f: [0.9 - margin if i == b else 0.9 for i in range(3)] for b, f in enumerate(synthetic.BLIND_SPOTS)}
         return [_run("MoE-SFT", s, _result([[1, 1, 1]], families=fam)) for s in range(2)]
     by_name = lambda checks, word: next(c for c in checks if word in c.what)  # noqa: E731
-    assert by_name(report.premise_checks({"MoE-SFT": moe(0.10)}), "strong families").holds is True
-    assert by_name(report.premise_checks({"MoE-SFT": moe(0.09)}), "strong families").holds is False
-    assert by_name(report.premise_checks({}), "strong families").holds is None      # not run yet
+    assert by_name(premise.premise_checks({"MoE-SFT": moe(0.10)}), "strong families").holds is True
+    assert by_name(premise.premise_checks({"MoE-SFT": moe(0.09)}), "strong families").holds is False
+    assert by_name(premise.premise_checks({}), "strong families").holds is None      # not run yet
     fmt = {f"Expert{x}-SFT, no blind spot": [_run("F", 0, _result([[1]] * (60 + 6 * x) + [[0]] * (40 - 6 * x)))]
            for x in range(3)}                                                         # 60, 66, 72 %: spread 12
-    assert by_name(report.premise_checks(fmt), "privileged").holds is False
+    assert by_name(premise.premise_checks(fmt), "privileged").holds is False
     # RL matters: 5 seeds of +6 points (start 0.5, final 0.56 on 50 questions) hold; with 4 of the
     # 5 seeds run it is not judged yet
     def grpo(seeds):
@@ -205,13 +207,13 @@ def test_premise_checks_hold_or_fail_by_their_thresholds():
             r.results["results"] = {"before RIEL": _result([[1]] * 25 + [[0]] * 25),
                                     "after RIEL": _result([[1]] * 28 + [[0]] * (22 - s % 2) + [[1]] * (s % 2))}
             runs.append(r)
-        return report.with_derived({"MoE-SFT-GRPO": runs})
-    assert by_name(report.premise_checks(grpo(5)), "RL matters").holds is True
-    assert by_name(report.premise_checks(grpo(4)), "RL matters").holds is None
+        return compare.with_derived({"MoE-SFT-GRPO": runs})
+    assert by_name(premise.premise_checks(grpo(5)), "RL matters").holds is True
+    assert by_name(premise.premise_checks(grpo(4)), "RL matters").holds is None
 
 
 def test_the_questions_a_teacher_misreads_are_read_from_the_question_text():
-    pool = report.misread_by(3)
+    pool = premise.misread_by(3)
     assert len(pool) == 1300
     problems = {p.id: p for p in synthetic.generate_problems(1300, "eval", seed=3)}
     for qid, blind in list(pool.items())[:400]:
@@ -224,8 +226,8 @@ def test_the_questions_a_teacher_misreads_are_read_from_the_question_text():
     r = _run("MoE-SFT", 3, _result(rows))
     for q, qid in zip(r.final["per_question"], ids):
         q["id"] = qid
-    assert report.blind_accuracy(r, True) == pytest.approx((1 + 1 + 0) / 3)
-    assert report.blind_accuracy(r, False) == pytest.approx((1 + 0 + 0) / 3)
+    assert premise.blind_accuracy(r, True) == pytest.approx((1 + 1 + 0) / 3)
+    assert premise.blind_accuracy(r, False) == pytest.approx((1 + 0 + 0) / 3)
 
 
 def test_compute_table_by_hand(tmp_path):
@@ -238,7 +240,7 @@ def test_compute_table_by_hand(tmp_path):
               "compute/sft_tokens": 2000, "buffer/sft_items": 64, "loss/policy": 0.04, "loss/inter_expert_kl": 0.3,
               "loss/sft": 0.8}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in steps))
-    run = report.Run("meml-grpo-s0", {"group": "MEML-GRPO", "seed": 0, "command": "--preset meml-grpo --lambda2 2"},
+    run = compare.Run("meml-grpo-s0", {"group": "MEML-GRPO", "seed": 0, "command": "--preset meml-grpo --lambda2 2"},
                      {"results": {"after RIEL": _result([[1, 1, 1]])}}, tmp_path)
     row = report.compute_table({"MEML-GRPO": [run]}).splitlines()[2]
     # λ1 = 0.1 (default): mean(0.05, 0.03) / mean(0.02, 0.04) = 1.3; λ2 = 2: 1.6 / 0.03 on the SFT step

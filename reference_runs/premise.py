@@ -1,0 +1,114 @@
+"""The premise of the synthetic world (issue 23), checked before any comparison is read: the
+teachers err on different questions, each expert is ahead where its teacher is right, the reward
+is sparse in a way other experts can rescue, and RL moves held-out accuracy."""
+from dataclasses import dataclass
+from functools import cache
+
+from compare import EPS, Run, mean, paired, pct
+from meml import synthetic
+from meml.rewards import verifier_for
+from runs import EVALUATION, SEEDS
+
+FAMILIES = synthetic.BLIND_SPOTS  # the one-kind families; expert i's teacher is blind to FAMILIES[i]
+
+
+def teacher_overlap(seeds) -> dict:
+    """The teachers' errors on each seed's training questions (meml/synthetic.py's world as
+    train.py builds it, judged by the verifier D1 uses): each teacher's error rate, and the share
+    of questions wrong for two or more."""
+    rates, both, verifier = [], [], verifier_for("synthetic")
+    for s in seeds:
+        train, _, answers = synthetic.load_synthetic(seed=s)
+        by_id = {ex.id: ex for ex in train}
+        wrong: dict[str, list[int]] = {}
+        for a in answers:
+            wrong.setdefault(a.id, []).append(int(verifier(a.response, by_id[a.id]) != 1.0))
+        rows = list(wrong.values())
+        rates.append([mean([row[i] for row in rows]) for i in range(3)])
+        both.append(mean([float(sum(row) >= 2) for row in rows]))
+    return {"rates": [mean([r[i] for r in rates]) for i in range(3)], "overlap": mean(both)}
+
+
+def blind_spot_margins(runs: list[Run]) -> dict[str, float]:
+    """Per one-kind family, after MoE-SFT: how far the experts whose teachers solve it are ahead
+    of the expert whose teacher is blind to part of it (the lower of the two margins): (mean over
+    seeds, the lowest seed's)."""
+    out = {}
+    for blind, family in enumerate(FAMILIES):
+        margins = []
+        for r in runs:
+            acc = r.final["by_family"][family]["accuracy"]
+            margins.append(min(acc[i] for i in range(3) if i != blind) - acc[blind])
+        out[family] = (mean(margins), min(margins))
+    return out
+
+
+def metric_mean(runs: list[Run], key: str) -> float | None:
+    values = [m[key] for r in runs for m in r.metrics() if key in m]
+    return mean(values) if values else None
+
+
+@dataclass
+class Check:
+    what: str
+    figure: str
+    holds: bool | None   # None: its runs are not there yet
+
+
+def premise_checks(groups) -> list[Check]:
+    checks = []
+    seeds = sorted({r.seed for r in groups.get("MoE-SFT", [])}) or list(SEEDS)
+    t = teacher_overlap(seeds)
+    checks.append(Check("the teachers err on different questions: two or more wrong on under 10 % of the "
+                        "training questions (the paper's teachers: 3.06 %)",
+                        f"{pct(t['overlap'])} % wrong for two or more; each teacher wrong on "
+                        + " / ".join(f"{pct(x)} %" for x in t["rates"]), t["overlap"] < 0.10))
+    fmt = [groups.get(f"Expert{x}-SFT, no blind spot", []) for x in range(3)]
+    if all(fmt):
+        means = [mean([r.final["accuracy"][0] for r in runs]) for runs in fmt]
+        checks.append(Check("no format is privileged: each teacher's format without its blind spot, learned "
+                            "alone at equal steps, within 5 points of the others",
+                            " / ".join(f"{pct(m)} %" for m in means) + f" (spread {100 * (max(means) - min(means)):.1f})",
+                            max(means) - min(means) <= 0.05 + EPS))
+    else:
+        checks.append(Check("no format is privileged (format learnability runs)", "not run yet", None))
+    moe = groups.get("MoE-SFT", [])
+    if moe:
+        margins = blind_spot_margins(moe)
+        checks.append(Check("after MoE-SFT each expert is ahead on its teacher's strong families: on every "
+                            "family, the experts taught it lead the blind one by at least 10 points",
+                            "; ".join(f"{f}: {100 * m:+.1f} (lowest seed {100 * low:+.1f})"
+                                      for f, (m, low) in margins.items()),
+                            min(m for m, _ in margins.values()) >= 0.10 - EPS))
+    else:
+        checks.append(Check("after MoE-SFT each expert is ahead on its teacher's strong families", "not run yet", None))
+    grpo = groups.get("MoE-SFT-GRPO", [])
+    rescuable, all_wrong = metric_mean(grpo, "premise/rescuable"), metric_mean(grpo, "premise/all_wrong")
+    checks.append(Check("reward sparsity that other experts can rescue: during GRPO from MoE-SFT, on at least "
+                        "10 % of questions one expert's G rollouts are all wrong while another's has a right one",
+                        "not run yet" if rescuable is None else
+                        f"{pct(rescuable)} % of questions (all N x G wrong: {pct(all_wrong)} %)",
+                        None if rescuable is None else rescuable >= 0.10 - EPS))
+    gain = paired(grpo, groups.get("MoE-SFT-GRPO start", []), "mean expert") if grpo else None
+    checks.append(Check("RL matters: GRPO raises its MoE-SFT start's held-out accuracy (mean expert) by at "
+                        f"least 5 points over {len(SEEDS)} seeds, the interval above 0",
+                        "not run yet" if gain is None else f"{gain} ({gain.seeds} of {len(SEEDS)} seeds)",
+                        None if gain is None or gain.seeds < len(SEEDS) else (gain.diff >= 0.05 - EPS and gain.low > 0)))
+    return checks
+
+
+@cache
+def misread_by(seed: int) -> dict[str, list[bool]]:
+    """Eval question id -> for each expert, whether its teacher misreads the question (the
+    runs' held-out pool, rebuilt from meml/synthetic.py as train.py builds it)."""
+    pool = max(300, sum(int(EVALUATION[EVALUATION.index(flag) + 1]) for flag in ("--eval-size", "--dev-size")))
+    return {p.id: [any(synthetic.blind(kind, step) for step in p.steps) for kind in FAMILIES]
+            for p in synthetic.generate_problems(pool, "eval", seed)}
+
+
+def blind_accuracy(run: Run, misread: bool) -> float:
+    """Mean over experts of each expert's accuracy on the questions its teacher misreads (or on
+    the others)."""
+    blind = misread_by(run.seed)
+    rows = run.final["per_question"]
+    return mean([mean([q["correct"][i] for q in rows if blind[q["id"]][i] == misread]) for i in range(3)])
