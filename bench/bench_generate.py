@@ -121,9 +121,8 @@ def main():
             repeats = args.repeats if name == "tiny" else args.repeats_large
             for repeat in range(repeats):  # interleaved, order alternating: drift hits both
                 for which in (("ours", "hf") if repeat % 2 == 0 else ("hf", "ours")):
-                    run = run_ours if which == "ours" else run_transformers
-                    wall, cpu, outputs[which] = timed(
-                        lambda: run(ours if which == "ours" else hf, prompts, args.new_tokens))
+                    run, model = (run_ours, ours) if which == "ours" else (run_transformers, hf)
+                    wall, cpu, outputs[which] = timed(lambda: run(model, prompts, args.new_tokens))
                     times[which].append((wall, cpu))
             best_ours, best_hf = min(w for w, _ in times["ours"]), min(w for w, _ in times["hf"])
             cpu_ours, cpu_hf = min(c for _, c in times["ours"]), min(c for _, c in times["hf"])

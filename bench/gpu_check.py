@@ -96,7 +96,7 @@ def logprob_table() -> None:
                 weight = (torch.randn(v, h, device=DEVICE, dtype=dtype) * 0.02).requires_grad_()
                 targets = torch.randint(0, v, (n,), device=DEVICE)
 
-                def step():
+                def step(hidden=hidden, weight=weight, targets=targets, impl=impl):
                     token_logprobs(hidden, weight, targets, impl=impl).sum().backward()
                     hidden.grad = weight.grad = None
                 try:
@@ -105,7 +105,7 @@ def logprob_table() -> None:
                     print(f"{h:>6}{str(dtype)[6:]:>10}{impl:>9}{ms:>9.2f}{peak_gb(base):>9.2f}", flush=True)
                 except torch.OutOfMemoryError:
                     print(f"{h:>6}{str(dtype)[6:]:>10}{impl:>9}{'OOM':>9}")
-                del hidden, weight
+                del hidden, weight, step
                 if DEVICE == "cuda":
                     torch.cuda.empty_cache()
 
