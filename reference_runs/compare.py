@@ -92,6 +92,8 @@ def with_derived(groups: dict[str, list[Run]]) -> dict[str, list[Run]]:
 def one_per_expert(results: list[dict]) -> dict:
     """Three single-expert models' results as one three-expert result: each question's
     correctness per model, and the dev choice among the models (ties: the lowest index)."""
+    if len({tuple(q["id"] for q in r["per_question"]) for r in results}) > 1:
+        raise ValueError("single-expert models evaluated on different questions")
     dev = [r["dev_choice"]["dev_accuracy"][0] for r in results]
     chosen = dev.index(max(dev))
     rows = [{"id": rows[0]["id"], "correct": [row["correct"][0] for row in rows]}
@@ -160,10 +162,21 @@ class Paired:
     def seeds(self) -> int:
         return len(self.diffs)
 
+    @property
+    def no_interval(self) -> str | None:
+        """Why there is no t interval: one seed, or every seed giving the same difference (the
+        differences step in 1/questions, so two seeds can tie; a spread of zero is no evidence
+        of no spread, and its zero-width interval and p = 0 would read as certainty)."""
+        if self.seeds < 2:
+            return "one seed"
+        if max(self.diffs) - min(self.diffs) < EPS:
+            return "the same on every seed"
+        return None
+
     def verdict(self, comparisons: int = 1) -> str:
         """"A better" / "B better" when the 95 % interval excludes 0 (and, with several
         comparisons, "(holds at 0.05 / comparisons)" when p is below that too)."""
-        if self.seeds < 2 or self.low <= 0 <= self.high:
+        if self.no_interval or self.low <= 0 <= self.high:
             return "not shown"
         word = "A better" if self.diff > 0 else "B better"
         if comparisons > 1:
@@ -171,8 +184,8 @@ class Paired:
         return word
 
     def __str__(self) -> str:
-        if self.seeds < 2:
-            return f"{100 * self.diff:+.1f} (one seed)"
+        if self.no_interval:
+            return f"{100 * self.diff:+.1f} ({self.no_interval}: no interval)"
         return (f"{100 * self.diff:+.1f} [{100 * self.low:+.1f}, {100 * self.high:+.1f}], p = {self.p:.3f}; "
                 f"s.e. questions {100 * self.se_questions:.1f}")
 

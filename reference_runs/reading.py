@@ -24,6 +24,9 @@ seed is a different world sample (problems, tokenizer, model initialisation), so
 seeds includes the data. Settings are `train.py`'s synthetic defaults: MEF {mef_steps} steps of
 {mef_batch_size} answers at lr {mef_lr}; RIEL {riel_steps} steps of {riel_questions_per_step}
 questions x G = {riel_group_size} rollouts per expert at lr {riel_lr}, B = {riel_buffer_capacity}.
+They were chosen on settings runs before this plan, with one change after its first runs: RIEL's
+steps were raised once, when seed zero's GRPO run came out at the premise's threshold (LOG.md
+says when and by how much; the runs at the old count are in git).
 Every evaluation is greedy on held-out questions of the seed's world; further held-out questions
 (the dev split) serve only to choose an expert.
 
@@ -43,9 +46,11 @@ comparison for that reason)."""
 
 PRIMARY = """\
 The {n} comparisons below were named in `reference_runs/runs.py` (PRIMARY) before any of their
-runs was made, each on {seeds} seeds and on two views, {tests} tests in all. A verdict names the
+runs was made, each planned on {seeds} seeds (the seeds column says how many are in) and on two
+views, {tests} tests in all. A verdict names the
 method ahead when the paired 95 % t interval over seeds excludes zero; "Bonferroni" says whether it
-still holds at p < 0.05 / {tests} = {bonferroni}, the family-wise bound for all {tests} tests."""
+still holds at p < 0.05 / {tests} = {bonferroni}, the family-wise bound for all {tests} tests. A
+difference that is the same on every seed has no interval and gets no verdict."""
 
 MAIN = """\
 The dev-chosen expert is the paper's inference mode (one model, one prompt, chosen on held-out
@@ -55,7 +60,12 @@ the oracle counts a question right when any expert is."""
 COMPUTE = """\
 Per run: rollouts sampled (dynamic sampling's extra ones included) and their tokens, the gold
 items and tokens the buffer trained on, the share of steps that ran buffer SFT, and the
-weighted E5 and E6 losses against the policy loss. The SFT runs the methods start from are not
+weighted E5 and E6 losses against the policy loss, each a ratio of means over the same steps. These
+ratios compare the values of the loss parts, not the sizes of their gradients: E3's value is a
+surrogate's (GRPO's is near zero by construction, its advantages summing to zero in each group),
+so a large ratio says which part dominates the logged total, not which dominates the update; the
+share of steps with buffer SFT and the gold items against the rollouts say how much of RIEL was
+SFT. The SFT runs the methods start from are not
 counted: one MoE-SFT run per seed for most rows, one ExpertX-SFT run per expert for the
 single-expert rows, Gold-SFT for the run without MEF."""
 

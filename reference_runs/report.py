@@ -12,6 +12,7 @@ compare.py; the premise checks are premise.py.
 """
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -19,10 +20,11 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 from compare import (RIEL_METHODS, SFT_METHODS, SINGLE, VIEWS, Run, dev_chosen, expert_of, load_runs,  # noqa: E402
                      mean, mean_expert, mean_sd, paired, pct)
 from meml import plots  # noqa: E402
-from meml.config import PRESETS, SYNTHETIC_SETTINGS, RielConfig  # noqa: E402
+from meml.config import PRESETS, SYNTHETIC_SETTINGS, make_config, overrides_from  # noqa: E402
 from premise import FAMILIES, Check, blind_accuracy, metric_mean, premise_checks  # noqa: E402
 from reading import READING  # noqa: E402  (the hand-written words; every number and verdict is computed)
 from runs import PRIMARY, SEEDS, plan  # noqa: E402
+import train  # noqa: E402  (how a run's command resolves to its settings)
 
 SECONDARY = [  # (A, B, what A − B measures): read beside the primary ones, not counted with them
     ("MEML-GRPO", "MEML-GRPO start", "what MEML's RIEL adds to its MoE-SFT start"),
@@ -102,10 +104,19 @@ def comparisons_table(groups, pairs, counted: int) -> str:
 
 
 def weights(run: Run) -> tuple[float, float]:
-    """(λ1, λ2) of a run: its command's, else the defaults."""
-    words, r = run.info.get("command", "").split(), RielConfig()
-    get = lambda flag, default: float(words[words.index(flag) + 1]) if flag in words else default  # noqa: E731
-    return get("--lambda1", r.lambda1), get("--lambda2", r.lambda2)
+    """(λ1, λ2) of a run, as train.py resolves its command (preset, then flags)."""
+    words = run.info["command"].split()
+    args = train.parse_args(words[words.index("train.py") + 1:])
+    riel = make_config(args.preset, synthetic=True, overrides=overrides_from(args)).riel
+    return riel.lambda1, riel.lambda2
+
+
+def loss_ratio(steps: list[dict], weight: float, key: str) -> str:
+    """weight · (the mean of a loss part) / (the mean of abs(E3)), over the same steps; "–" where
+    the part is off or never ran."""
+    part = weight * mean([m[key] for m in steps]) if steps else 0.0
+    policy = mean([abs(m["loss/policy"]) for m in steps]) if steps else 0.0
+    return f"{part / policy:.1f}x" if part and policy > 0 else "–"
 
 
 def compute_table(groups) -> str:
@@ -117,17 +128,14 @@ def compute_table(groups) -> str:
         steps = [m for r in runs for m in r.metrics() if "loss/policy" in m]
         if not steps:
             continue
-        sft_steps = mean([float(m["buffer/sft_items"] > 0) for m in steps])
         lambda1, lambda2 = weights(runs[0])
-        policy = mean([abs(m["loss/policy"]) for m in steps])
-        kl = mean([lambda1 * m["loss/inter_expert_kl"] for m in steps])
-        sft = [lambda2 * m["loss/sft"] for m in steps if m["buffer/sft_items"] > 0]
-        ratio = lambda x: f"{x / policy:.1f}x" if policy > 0 and x else "–"  # noqa: E731
+        sft_steps = [m for m in steps if m["buffer/sft_items"] > 0]
         rows.append([method, f"{per_run('compute/rollouts'):,.0f}", f"{per_run('compute/sampled_tokens'):,.0f}",
                      f"{per_run('buffer/sft_items'):,.0f}", f"{per_run('compute/sft_tokens'):,.0f}",
-                     f"{100 * sft_steps:.0f} %", ratio(kl), ratio(mean(sft)) if sft else "–"])
+                     f"{100 * len(sft_steps) / len(steps):.0f} %", loss_ratio(steps, lambda1, "loss/inter_expert_kl"),
+                     loss_ratio(sft_steps, lambda2, "loss/sft")])
     return table(["method", "rollouts", "sampled tokens", "gold SFT items", "SFT tokens", "steps with buffer SFT",
-                  "λ1·E5 / |E3| (mean over steps)", "λ2·E6 / |E3| (on SFT steps)"], rows)
+                  "λ1·E5 / abs(E3), every step", "λ2·E6 / abs(E3), steps with buffer SFT"], rows)
 
 
 def sparsity_table(groups) -> str:
@@ -158,7 +166,7 @@ def overlap_table(groups) -> str:
     for method in listed(groups, ["MoE-SFT"] + RIEL_METHODS):
         runs = groups[method]
         counts = [[3 - sum(q["correct"]) for q in r.final["per_question"]] for r in runs]
-        rows.append([method] + [f"{mean([c.count(k) for c in counts]):.0f}" for k in (3, 2, 1, 0)])
+        rows.append([method] + [f"{mean([c.count(k) for c in counts]):.1f}" for k in (3, 2, 1, 0)])
     return table(["method", "all 3 wrong", "exactly 2 wrong", "exactly 1 wrong", "none wrong"], rows)
 
 
@@ -188,8 +196,10 @@ def figures(groups) -> list[tuple[str, str, object]]:
 # ---------------------------------------------------------------------------------------------
 
 def commits(groups) -> str:
-    seen = sorted({r.info["commit"] or "unknown" for runs in groups.values() for r in runs if "commit" in r.info})
-    return ", ".join(f"`{c[:12]}`" for c in seen)
+    """Each commit the runs were made at, with its count of runs; "+changes" marks a tree that had
+    edits not yet committed when the run started (train.py's meml_run.json says so)."""
+    counts = Counter(r.info["commit"] or "unknown" for runs in groups.values() for r in runs if "commit" in r.info)
+    return ", ".join(f"`{c[:12]}{c[40:]}` ({n} run{'s' * (n > 1)})" for c, n in sorted(counts.items()))
 
 
 def verdict_sentences(groups) -> str:
@@ -202,8 +212,8 @@ def verdict_sentences(groups) -> str:
         said = []
         for view in VIEWS:
             p = paired(groups[a], groups[b], view)
-            if p.seeds < 2:
-                said.append(f"on the {view} {100 * p.diff:+.1f} points (one seed: no interval, no verdict)")
+            if p.no_interval:
+                said.append(f"on the {view} {100 * p.diff:+.1f} points ({p.no_interval}: no interval, no verdict)")
                 continue
             v = p.verdict(counted)
             word = ("not shown either way" if v == "not shown" else
@@ -236,7 +246,7 @@ def render(groups, figures: list[tuple[str, str, object]]) -> str:
         "The engineering log of how they were run is `LOG.md`.",
         "",
         f"{n_runs} runs" + (f", code at commit {commits(real)}" if n_runs else "") + "."
-        + (f" Not run yet: {len(missing)} of the {len(planned)} planned runs, of {', '.join(missing_groups)}."
+        + (f" Not run yet: {len(missing)} of the {len(planned)} planned runs; groups not complete yet: {', '.join(missing_groups)}."
            if missing else ""),
         "",
         "## The premise, checked first",

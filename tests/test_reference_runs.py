@@ -116,6 +116,21 @@ def test_paired_comparison_and_its_verdict_by_hand():
     assert flat.verdict() == "not shown"
 
 
+def test_a_difference_the_same_on_every_seed_has_no_interval_and_no_verdict():
+    # two seeds of +1.6 points, as differences of k/1000 fractions give them (equal up to float
+    # noise): the seeds' spread is zero, which is no evidence of no spread
+    for diffs in ([0.016, 0.016], [0.943 - 0.927, 0.962 - 0.946], [0.016] * 5):
+        tie = compare.Paired(diffs, 0.005)
+        assert tie.verdict() == "not shown" and tie.verdict(comparisons=10) == "not shown"
+        assert str(tie) == "+1.6 (the same on every seed: no interval)"
+    assert compare.Paired([0.016, 0.017], 0.005).no_interval is None
+    same = [_run("MEML-GRPO", s, _result([[1, 1, 1]] * 9 + [[0, 0, 0]])) for s in range(5)]
+    base = [_run("MoE-SFT-GRPO", s, _result([[1, 1, 1]] * 8 + [[0, 0, 0]] * 2)) for s in range(5)]
+    line = next(x for x in report.verdict_sentences({"MEML-GRPO": same, "MoE-SFT-GRPO": base}).splitlines()
+                if "(MEML-GRPO − MoE-SFT-GRPO," in x)
+    assert "+10.0 points (the same on every seed: no interval, no verdict)" in line and "ahead" not in line
+
+
 def test_dev_view_reads_the_dev_chosen_expert():
     # expert 1 wins on dev but expert 0 on the eval questions: the view reports expert 1's
     r = _result([[1, 0], [1, 1], [1, 0]], dev_accuracy=[0.2, 0.9])
@@ -134,6 +149,9 @@ def test_one_model_per_expert_takes_the_dev_choice_among_the_models():
     assert joined["dev_choice"]["accuracy"] == pytest.approx(2 / 3)
     assert [q["correct"] for q in joined["per_question"]] == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
     assert joined["oracle"] == 1.0 and joined["by_family"]["sub"]["accuracy"] == [0.1, 0.2, 0.3]
+    singles[2]["per_question"][0]["id"] = "syn-eval-mul-00099"
+    with pytest.raises(ValueError, match="different questions"):
+        compare.one_per_expert(singles)
 
 
 def test_blind_spot_margin_by_hand():
@@ -164,11 +182,15 @@ def test_every_sentence_agrees_with_its_numbers():
     # mean expert: 0.8 − 8/30 on seeds 0, 2, 4 (ten questions), 8/11 − 8/33 on seeds 1, 3 (eleven)
     expected = (3 * (0.8 - 8 / 30) + 2 * (8 / 11 - 8 / 33)) / 5
     assert f"on the mean expert {100 * expected:+.1f} points" in line and "MEML-GRPO is ahead" in line
-    # the dev-chosen expert is expert 0 in both, right on the same questions: no difference
-    assert "on the dev-chosen expert +0.0 points" in line and "not shown either way" in line
+    # the dev-chosen expert is expert 0 in both, right on the same questions: no difference on any seed
+    assert "on the dev-chosen expert +0.0 points (the same on every seed: no interval, no verdict)" in line
     assert "not run yet" in next(x for x in text.splitlines() if "buffer control" in x)
-    tie = report.verdict_sentences({"MEML-GRPO": better, "MoE-SFT-GRPO": better})
-    assert "not shown either way" in next(x for x in tie.splitlines() if "(MEML-GRPO − MoE-SFT-GRPO," in x)
+    # a tie: one question more right on seeds 0 and 3, one fewer on seed 1 (spread, an interval over 0)
+    shifted = [_run("MEML-GRPO", s, _result([[1, 1, 1]] * (8 + d) + [[0, 0, 0]] * (2 + s % 2 - d)))
+               for s, d in zip(range(5), (1, -1, 0, 1, 0))]
+    tie = report.verdict_sentences({"MEML-GRPO": shifted, "MoE-SFT-GRPO": better})
+    line = next(x for x in tie.splitlines() if "(MEML-GRPO − MoE-SFT-GRPO," in x)
+    assert line.count("not shown either way") == 2 and "ahead" not in line
 
 
 def test_the_reading_has_no_number_of_its_own():
@@ -240,8 +262,38 @@ def test_compute_table_by_hand(tmp_path):
               "compute/sft_tokens": 2000, "buffer/sft_items": 64, "loss/policy": 0.04, "loss/inter_expert_kl": 0.3,
               "loss/sft": 0.8}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in steps))
-    run = compare.Run("meml-grpo-s0", {"group": "MEML-GRPO", "seed": 0, "command": "--preset meml-grpo --lambda2 2"},
-                     {"results": {"after RIEL": _result([[1, 1, 1]])}}, tmp_path)
-    row = report.compute_table({"MEML-GRPO": [run]}).splitlines()[2]
-    # λ1 = 0.1 (default): mean(0.05, 0.03) / mean(0.02, 0.04) = 1.3; λ2 = 2: 1.6 / 0.03 on the SFT step
-    assert row == "| MEML-GRPO | 384 | 2,200 | 64 | 2,000 | 50 % | 1.3x | 53.3x |"
+    def row(command):
+        run = compare.Run("meml-grpo-s0", {"group": "MEML-GRPO", "seed": 0, "command": command},
+                          {"results": {"after RIEL": _result([[1, 1, 1]])}}, tmp_path)
+        return report.compute_table({"MEML-GRPO": [run]}).splitlines()[2]
+    # λ1 = 0.1 (the default): mean(0.05, 0.03) / mean(0.02, 0.04) = 1.3; λ2 = 2, on the one step with
+    # buffer SFT: 2 · 0.8 / 0.04 = 40
+    command = "python train.py --preset meml-grpo --lambda2 2 --output runs/reference/meml-grpo-s0"
+    assert row(command) == "| MEML-GRPO | 384 | 2,200 | 64 | 2,000 | 50 % | 1.3x | 40.0x |"
+    # meml-no-iml's preset sets λ1 = 0: whatever E5 logged, it weighed nothing
+    command = "python train.py --preset meml-no-iml --output runs/reference/meml-no-iml-s0"
+    assert row(command) == "| MEML-GRPO | 384 | 2,200 | 64 | 2,000 | 50 % | – | 20.0x |"
+
+
+def test_error_overlap_counts_keep_a_decimal_so_rows_add_up():
+    # two seeds of four questions: all three wrong on 1 and 2 questions, none wrong on the rest
+    runs = [_run("MoE-SFT", s, _result([[0, 0, 0]] * (1 + s) + [[1, 1, 1]] * (3 - s))) for s in range(2)]
+    assert report.overlap_table({"MoE-SFT": runs}).splitlines()[2] == "| MoE-SFT | 1.5 | 0.0 | 0.0 | 2.5 |"
+
+
+def test_the_commits_line_keeps_the_uncommitted_changes_marker_and_counts_runs():
+    sha = "8d4d63f74834327a206fc29ebb9a02b47860db47"
+    runs = [compare.Run(f"r{k}", {"commit": c}, {}, None) for k, c in enumerate([sha, sha + "+changes", sha + "+changes"])]
+    assert report.commits({"g": runs}) == "`8d4d63f74834` (1 run), `8d4d63f74834+changes` (2 runs)"
+
+
+def test_the_blind_ranges_in_the_setting_are_the_worlds():
+    words = {"three": 3, "five": 5, "eight": 8}
+    text = " ".join(reading.SETTING.split())
+    loss = words[re.search(r"a loss of (\w+) or more", text)[1]]
+    bags = words[re.search(r"bags of (\w+) or more", text)[1]]
+    grow = words[re.search(r"growing (\w+) times", text)[1]]
+    step = lambda **kw: type("Step", (), {"a": 0, "b": 0, **kw})  # noqa: E731
+    assert synthetic.BLIND_WHEN["sub"](step(a=loss)) and not synthetic.BLIND_WHEN["sub"](step(a=loss - 1))
+    assert synthetic.BLIND_WHEN["groups"](step(b=bags)) and not synthetic.BLIND_WHEN["groups"](step(b=bags - 1))
+    assert synthetic.BLIND_WHEN["mul"](step(a=grow)) and not synthetic.BLIND_WHEN["mul"](step(a=grow + 1))
