@@ -159,9 +159,9 @@ def test_blind_spot_margin_by_hand():
     r = _run("MoE-SFT", 0, _result([[1, 1, 1]], families=fam))
     other = {"sub": [0.5, 0.5, 0.5], "groups": [0.9, 0.85, 0.95], "mul": [0.8, 0.85, 0.9]}  # margins 0, .05, −.1
     margins = premise.blind_spot_margins([r, _run("MoE-SFT", 1, _result([[1, 1, 1]], families=other))])
-    assert margins == {"sub": (pytest.approx(0.275), pytest.approx(0.0)),
-                       "groups": (pytest.approx(0.425), pytest.approx(0.05)),
-                       "mul": (pytest.approx(0.2), pytest.approx(-0.1))}
+    assert margins == {"sub": {0: pytest.approx(0.55), 1: pytest.approx(0.0)},
+                       "groups": {0: pytest.approx(0.8), 1: pytest.approx(0.05)},
+                       "mul": {0: pytest.approx(0.5), 1: pytest.approx(-0.1)}}
 
 
 def test_teacher_overlap_against_the_questions_read_independently():
@@ -215,6 +215,12 @@ def test_premise_checks_hold_or_fail_by_their_thresholds():
         return [_run("MoE-SFT", s, _result([[1, 1, 1]], families=fam)) for s in range(2)]
     by_name = lambda checks, word: next(c for c in checks if word in c.what)  # noqa: E731
     assert by_name(premise.premise_checks({"MoE-SFT": moe(0.10)}), "strong families").holds is True
+    # held on the mean over seeds, with the seed under the bar named: seed 1 at 0 on every family
+    mixed = moe(0.20)
+    mixed[1] = _run("MoE-SFT", 1, _result([[1, 1, 1]], families={f: [0.9] * 3 for f in synthetic.BLIND_SPOTS}))
+    check = by_name(premise.premise_checks({"MoE-SFT": mixed}), "strong families")
+    assert check.holds is True and check.figure.startswith("sub: +10.0 (lowest: seed 1, +0.0)")
+    assert check.figure.endswith("; seeds under 10 on a family: 1")
     assert by_name(premise.premise_checks({"MoE-SFT": moe(0.09)}), "strong families").holds is False
     assert by_name(premise.premise_checks({}), "strong families").holds is None      # not run yet
     fmt = {f"Expert{x}-SFT, no blind spot": [_run("F", 0, _result([[1]] * (60 + 6 * x) + [[0]] * (40 - 6 * x)))]
