@@ -246,7 +246,8 @@ def render(groups, figures: list[tuple[str, str, object]]) -> str:
         "The engineering log of how they were run is `LOG.md`.",
         "",
         f"{n_runs} runs" + (f", code at commit {commits(real)}" if n_runs else "") + "."
-        + (f" Not run yet: {len(missing)} of the {len(planned)} planned runs; groups not complete yet: {', '.join(missing_groups)}."
+        + (f" Not run yet: {len(missing)} of the {len(planned)} planned runs; groups not complete yet: "
+           f"{', '.join(missing_groups)}."
            if missing else ""),
         "",
         "## The premise, checked first",

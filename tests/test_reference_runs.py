@@ -223,9 +223,12 @@ def test_premise_checks_hold_or_fail_by_their_thresholds():
     assert check.figure.endswith("; seeds under 10 on a family: 1")
     assert by_name(premise.premise_checks({"MoE-SFT": moe(0.09)}), "strong families").holds is False
     assert by_name(premise.premise_checks({}), "strong families").holds is None      # not run yet
-    fmt = {f"Expert{x}-SFT, no blind spot": [_run("F", 0, _result([[1]] * (60 + 6 * x) + [[0]] * (40 - 6 * x)))]
-           for x in range(3)}                                                         # 60, 66, 72 %: spread 12
-    assert by_name(premise.premise_checks(fmt), "privileged").holds is False
+    def fmt(seeds, step):  # format x at 60 + step·x % on every seed
+        right = lambda x: _result([[1]] * (60 + step * x) + [[0]] * (40 - step * x))  # noqa: E731
+        return {f"Expert{x}-SFT, no blind spot": [_run("F", s, right(x)) for s in range(seeds)] for x in range(3)}
+    assert by_name(premise.premise_checks(fmt(3, 6)), "privileged").holds is False   # 60, 66, 72 %: spread 12
+    assert by_name(premise.premise_checks(fmt(3, 2)), "privileged").holds is True    # spread 4
+    assert by_name(premise.premise_checks(fmt(2, 6)), "privileged").holds is None    # 2 of its 3 seeds in
     # RL matters: 5 seeds of +6 points (start 0.5, final 0.56 on 50 questions) hold; with 4 of the
     # 5 seeds run it is not judged yet
     def grpo(seeds):
@@ -289,7 +292,8 @@ def test_error_overlap_counts_keep_a_decimal_so_rows_add_up():
 
 def test_the_commits_line_keeps_the_uncommitted_changes_marker_and_counts_runs():
     sha = "8d4d63f74834327a206fc29ebb9a02b47860db47"
-    runs = [compare.Run(f"r{k}", {"commit": c}, {}, None) for k, c in enumerate([sha, sha + "+changes", sha + "+changes"])]
+    runs = [compare.Run(f"r{k}", {"commit": c}, {}, None)
+            for k, c in enumerate([sha, sha + "+changes", sha + "+changes"])]
     assert report.commits({"g": runs}) == "`8d4d63f74834` (1 run), `8d4d63f74834+changes` (2 runs)"
 
 
