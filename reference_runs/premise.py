@@ -65,26 +65,27 @@ def premise_checks(groups) -> list[Check]:
     fmt = [groups.get(f"Expert{x}-SFT, no blind spot", []) for x in range(3)]
     if all(fmt):
         means = [mean([r.final["accuracy"][0] for r in runs]) for runs in fmt]
-        seeds = min(len(runs) for runs in fmt)  # judged, like the GRPO gain, once every planned seed is in
+        fmt_seeds = min(len(runs) for runs in fmt)  # judged, like the GRPO gain, once every planned seed is in
         checks.append(Check("no format is privileged: each teacher's format without its blind spot, learned "
                             f"alone at equal steps, within 5 points of the others (mean over {len(FEW_SEEDS)} seeds)",
                             " / ".join(f"{pct(m)} %" for m in means)
-                            + f" (spread {100 * (max(means) - min(means)):.1f}; {seeds} of {len(FEW_SEEDS)} seeds)",
-                            max(means) - min(means) <= 0.05 + EPS if seeds == len(FEW_SEEDS) else None))
+                            + f" (spread {100 * (max(means) - min(means)):.1f}; {fmt_seeds} of {len(FEW_SEEDS)} seeds)",
+                            max(means) - min(means) <= 0.05 + EPS if fmt_seeds == len(FEW_SEEDS) else None))
     else:
         checks.append(Check("no format is privileged (format learnability runs)", "not run yet", None))
     moe = groups.get("MoE-SFT", [])
     if moe:
         margins = blind_spot_margins(moe)
+        average = {f: mean(list(by_seed.values())) for f, by_seed in margins.items()}
         low = {f: min(by_seed, key=by_seed.get) for f, by_seed in margins.items()}
         short = sorted({s for by_seed in margins.values() for s, m in by_seed.items() if m < 0.10 - EPS})
         checks.append(Check("after MoE-SFT each expert is ahead on its teacher's strong families: on every "
                             "family, the experts taught it lead the blind one by at least 10 points "
                             "(mean over seeds; the lowest seed is shown)",
-                            "; ".join(f"{f}: {100 * mean(list(by_seed.values())):+.1f} (lowest: seed {low[f]}, "
+                            "; ".join(f"{f}: {100 * average[f]:+.1f} (lowest: seed {low[f]}, "
                                       f"{100 * by_seed[low[f]]:+.1f})" for f, by_seed in margins.items())
                             + (f"; seeds under 10 on a family: {', '.join(map(str, short))}" if short else ""),
-                            min(mean(list(by_seed.values())) for by_seed in margins.values()) >= 0.10 - EPS))
+                            min(average.values()) >= 0.10 - EPS))
     else:
         checks.append(Check("after MoE-SFT each expert is ahead on its teacher's strong families", "not run yet", None))
     grpo = groups.get("MoE-SFT-GRPO", [])
