@@ -66,10 +66,18 @@ def premise_checks(groups) -> list[Check]:
     if all(fmt):
         means = [mean([r.final["accuracy"][0] for r in runs]) for runs in fmt]
         fmt_seeds = min(len(runs) for runs in fmt)  # judged, like the GRPO gain, once every planned seed is in
+        # judged on the means; each seed's own spread and lowest format are shown beside them, so a
+        # reader sees how far one seed's formats differ and whether the same format is always last
+        by_seed = [{r.seed: r.final["accuracy"][0] for r in runs} for runs in fmt]
+        shared = sorted(set.intersection(*(set(acc) for acc in by_seed)))
+        spreads = [max(acc[s] for acc in by_seed) - min(acc[s] for acc in by_seed) for s in shared]
+        lowest = [min(range(len(by_seed)), key=lambda x: by_seed[x][s]) for s in shared]
         checks.append(Check("no format is privileged: each teacher's format without its blind spot, learned "
                             f"alone at equal steps, within 5 points of the others (mean over {len(FEW_SEEDS)} seeds)",
                             " / ".join(f"{pct(m)} %" for m in means)
-                            + f" (spread {100 * (max(means) - min(means)):.1f}; {fmt_seeds} of {len(FEW_SEEDS)} seeds)",
+                            + f" (spread {100 * (max(means) - min(means)):.1f}; {fmt_seeds} of {len(FEW_SEEDS)} seeds);"
+                            + " within one seed: spread " + " / ".join(f"{100 * d:.1f}" for d in spreads)
+                            + ", lowest format " + " / ".join(str(x) for x in lowest),
                             max(means) - min(means) <= 0.05 + EPS if fmt_seeds == len(FEW_SEEDS) else None))
     else:
         checks.append(Check("no format is privileged (format learnability runs)", "not run yet", None))

@@ -229,6 +229,16 @@ def test_premise_checks_hold_or_fail_by_their_thresholds():
     assert by_name(premise.premise_checks(fmt(3, 6)), "privileged").holds is False   # 60, 66, 72 %: spread 12
     assert by_name(premise.premise_checks(fmt(3, 2)), "privileged").holds is True    # spread 4
     assert by_name(premise.premise_checks(fmt(2, 6)), "privileged").holds is None    # 2 of its 3 seeds in
+    # judged on the means, with each seed's spread and lowest format shown: format x on seed s at
+    # 60 + 6·((x + s) mod 3) %, so every seed spreads 12 points, the lowest format 0, 2, 1 in turn,
+    # and every mean is 66 %
+    rotating = {f"Expert{x}-SFT, no blind spot": [_run("F", s, _result([[1]] * (60 + 6 * ((x + s) % 3))
+                                                                       + [[0]] * (40 - 6 * ((x + s) % 3))))
+                                                  for s in range(3)] for x in range(3)}
+    check = by_name(premise.premise_checks(rotating), "privileged")
+    assert check.holds is True
+    assert check.figure == ("66.0 % / 66.0 % / 66.0 % (spread 0.0; 3 of 3 seeds); "
+                            "within one seed: spread 12.0 / 12.0 / 12.0, lowest format 0 / 2 / 1")
     # RL matters: 5 seeds of +6 points (start 0.5, final 0.56 on 50 questions) hold; with 4 of the
     # 5 seeds run it is not judged yet
     def grpo(seeds):
