@@ -186,7 +186,9 @@ class Paired:
     def __str__(self) -> str:
         if self.no_interval:
             return f"{100 * self.diff:+.1f} ({self.no_interval}: no interval)"
-        return (f"{100 * self.diff:+.1f} [{100 * self.low:+.1f}, {100 * self.high:+.1f}], p = {self.p:.3f}; "
+        # p to 4 decimals, as the Bonferroni bound is printed, so a p just under it reads as under it
+        p = "p < 0.0001" if self.p < 0.0001 else f"p = {self.p:.4f}"
+        return (f"{100 * self.diff:+.1f} [{100 * self.low:+.1f}, {100 * self.high:+.1f}], {p}; "
                 f"s.e. questions {100 * self.se_questions:.1f}")
 
 

@@ -9,7 +9,13 @@ The comparison below can only say something about MEML-GRPO if the world gives t
 the paper assumes: teachers that are wrong on different questions, experts that inherit those
 differences, a reward that is often all-wrong for one expert while another has it right, and an
 RL stage that moves accuracy at all. Each is measured from the runs (or, for the teachers, from
-the world itself) and judged against the threshold the issue that asked for it set."""
+the world itself) and judged against the threshold the issue that asked for it set. A check
+planned on several seeds is judged on their mean once all of them are in (the format check was at
+first judged on its first seed alone, which it failed; it has waited for its planned seeds since,
+as the GRPO check always did). The format check's row also shows how far apart the formats are
+within each seed: every comparison of MoE methods below pairs methods that share the same three
+experts and formats, so a format's handicap falls on both sides of it; the single-expert rows
+are the ones that compare formats."""
 
 SETTING = """\
 **The setting.** The built-in synthetic arithmetic world (`meml/synthetic.py`): two-step word
@@ -25,8 +31,8 @@ seeds includes the data. Settings are `train.py`'s synthetic defaults: MEF {mef_
 {mef_batch_size} answers at lr {mef_lr}; RIEL {riel_steps} steps of {riel_questions_per_step}
 questions x G = {riel_group_size} rollouts per expert at lr {riel_lr}, B = {riel_buffer_capacity}.
 They were chosen on settings runs before this plan, with one change after its first runs: RIEL's
-steps were raised once, when seed zero's GRPO run came out at the premise's threshold (LOG.md
-says when and by how much; the runs at the old count are in git).
+steps were raised once, when seed zero's GRPO run came out just under the premise's threshold
+(LOG.md says when and by how much; the runs at the old count are in git).
 Every evaluation is greedy on held-out questions of the seed's world; further held-out questions
 (the dev split) serve only to choose an expert.
 
@@ -98,14 +104,14 @@ MEF (MoE-SFT) and ExpertX-SFT, then every RIEL method from its SFT run (`--datas
     python evaluate.py --model runs/gsm8k-meml/checkpoint-NNNNNN --data gsm8k/test.jsonl --pass-k 0
 
 On one GPU add `--device cuda --dtype bfloat16`; on 8 (the paper's setup) start the same command
-with `torchrun --standalone --nproc_per_node 8` and add `--questions-per-step 8
---mef-batch-size 64` (README.md, "Several processes"); `--fsdp` shards a model too large to
+with `torchrun --standalone --nproc_per_node 8` and add `--questions-per-step 8`
+`--mef-batch-size 64` (README.md, "Several processes"); `--fsdp` shards a model too large to
 replicate. Memory, from parameter counts (not measured on a GPU): a replicated 1.5B model with
 fp32 master weights and AdamW needs ~25 GB per device before activations (weights 6 GB,
-gradients 6 GB, AdamW 12 GB), which fits an 80 GB device; the 1B Llama ~16 GB. Time: the only
-measurement at a real shape is on this project's 2-core CPU (one RIEL step at Qwen2.5-0.5B's
-shape, 2 prompts x G = 8 x 32 tokens: ~52 s, LOG "issue 11"), which says nothing useful about a
-GPU; `python -m bench.gpu_check` prints the GPU figures when run on one."""
+gradients 6 GB, AdamW 12 GB), which fits an 80 GB device; Llama 3.2 1B (1.24B parameters)
+~20 GB. Time: the only measurement at a real shape is on this project's 2-core CPU (one RIEL
+step at Qwen2.5-0.5B's shape, 2 prompts x G = 8 x 32 tokens: ~52 s, LOG "issue 11"), which says
+nothing useful about a GPU; `python -m bench.gpu_check` prints the GPU figures when run on one."""
 
 READING = {"premise": PREMISE, "setting": SETTING, "primary": PRIMARY, "main": MAIN, "compute": COMPUTE,
            "real_data": REAL_DATA}

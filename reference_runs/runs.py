@@ -18,8 +18,8 @@ What is committed, per run, in reference_runs/runs/<name>/:
 
 The plan, PRIMARY included, was fixed before any of its runs was made (reference_runs/README.md
 says why each run is there). One setting changed after its first runs: RIEL's steps, raised from
-300 to 400 when seed 0's GRPO run came out at the premise's threshold of +5 points (+4.7; LOG.md,
-2026-12-06); the 300-step runs are in git at 75c61ed.
+300 to 400 when seed 0's GRPO run came out just under the premise's threshold of +5 points (+4.7;
+LOG.md, 2026-12-06); the 300-step runs are in git at 75c61ed.
 """
 import argparse
 import filecmp

@@ -104,6 +104,9 @@ def test_paired_comparison_and_its_verdict_by_hand():
     assert low < 0 < high and p.verdict() == "not shown"
     # t = 0.5 / (0.25 / √3) = 2√3 at df 2: p = 1 − 2√3 / sqrt(14) = 0.074
     assert pv == pytest.approx(1 - 2 * math.sqrt(3) / math.sqrt(14))
+    # printed to 4 decimals, as the Bonferroni bound is (0.05 / 10 = 0.0050): a p of 0.0048 must
+    # not read as the bound itself
+    assert "], p = 0.0742; s.e. questions" in str(p)
     # five seeds of 0.4-0.6: s.e. 0.0354, half-width 2.776 · 0.0354 = 0.098; t = 14.1, p ~ 1.5e-4
     clear = compare.Paired([0.5, 0.6, 0.4, 0.55, 0.45], 0.01)
     assert clear.low == pytest.approx(0.5 - stats.t_quantile(0.975, 4) * math.sqrt(0.00625 / 5))
