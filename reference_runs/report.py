@@ -322,7 +322,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "README.md")
     p.add_argument("--no-plots", action="store_true", help="write README.md only (it links the plots all the same)")
     args = p.parse_args(argv)
-    groups = load_runs(args.runs) if args.runs.exists() else {}
+    # a mistyped path is one line, before anything is written: an empty report must not replace
+    # the committed README
+    if not args.runs.is_dir():
+        p.error(f"--runs {args.runs}: no such folder")
+    if args.out.is_dir():
+        p.error(f"--out {args.out}: is a folder; name the file to write")
+    if not args.out.parent.is_dir():
+        p.error(f"--out {args.out}: no folder {args.out.parent}")
+    groups = load_runs(args.runs)
     figs = figures(groups)
     drawn = not args.no_plots and plots.available()
     if drawn:

@@ -241,6 +241,10 @@ def main(argv=None) -> int:
     c = sub.add_parser("check", help="rerun one run and compare its results.json with the committed one")
     c.add_argument("name")
     args = p.parse_args(argv)
+    if args.what == "run" and args.jobs < 1:
+        r.error(f"--jobs {args.jobs}: at least 1")
+    if args.what == "run" and not (args.names or args.all):
+        r.error("name the runs to run, or --all")
     runs = {run.name: run for run in plan()}
     if args.what == "list":
         for run in runs.values():

@@ -212,6 +212,23 @@ def test_the_committed_readme_is_what_the_report_writes_from_the_committed_runs(
     assert out.read_text() == committed.read_text(), "run `python reference_runs/report.py` and commit README.md"
 
 
+def test_a_mistyped_folder_gets_one_line_and_overwrites_nothing(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("kept")
+    # a --runs folder that does not exist would have written an empty report over the README
+    with pytest.raises(SystemExit) as stop:
+        report.main(["--no-plots", "--runs", str(tmp_path / "rnus"), "--out", str(readme)])
+    assert stop.value.code == 2 and readme.read_text() == "kept"
+    assert f"--runs {tmp_path / 'rnus'}: no such folder" in capsys.readouterr().err.splitlines()[-1]
+    # --out naming a folder, or a file in a folder that does not exist
+    for out, why in [(tmp_path, "is a folder; name the file to write"),
+                     (tmp_path / "none" / "README.md", f"no folder {tmp_path / 'none'}")]:
+        with pytest.raises(SystemExit) as stop:
+            report.main(["--no-plots", "--out", str(out)])
+        assert stop.value.code == 2 and f"--out {out}: {why}" in capsys.readouterr().err.splitlines()[-1]
+    assert readme.read_text() == "kept"
+
+
 def test_premise_checks_hold_or_fail_by_their_thresholds():
     def moe(margin):  # each family: the two experts taught it at 0.9, the blind one 0.9 − margin
         fam = {f: [0.9 - margin if i == b else 0.9 for i in range(3)] for b, f in enumerate(synthetic.BLIND_SPOTS)}
@@ -320,3 +337,12 @@ def test_the_blind_ranges_in_the_setting_are_the_worlds():
     assert synthetic.BLIND_WHEN["sub"](step(a=loss)) and not synthetic.BLIND_WHEN["sub"](step(a=loss - 1))
     assert synthetic.BLIND_WHEN["groups"](step(b=bags)) and not synthetic.BLIND_WHEN["groups"](step(b=bags - 1))
     assert synthetic.BLIND_WHEN["mul"](step(a=grow)) and not synthetic.BLIND_WHEN["mul"](step(a=grow + 1))
+
+
+def test_the_runner_refuses_what_would_run_nothing_or_hang(capsys):
+    # --jobs 0 never started a run and waited for one forever; `run` with no name did nothing
+    for argv, why in [(["run", "--jobs", "0", "meml-grpo-s0"], "--jobs 0: at least 1"),
+                      (["run"], "name the runs to run, or --all")]:
+        with pytest.raises(SystemExit) as stop:
+            runs.main(argv)
+        assert stop.value.code == 2 and why in capsys.readouterr().err.splitlines()[-1]
