@@ -339,8 +339,10 @@ def test_the_blind_ranges_in_the_setting_are_the_worlds():
     assert synthetic.BLIND_WHEN["mul"](step(a=grow)) and not synthetic.BLIND_WHEN["mul"](step(a=grow + 1))
 
 
-def test_the_runner_refuses_what_would_run_nothing_or_hang(capsys):
-    # --jobs 0 never started a run and waited for one forever; `run` with no name did nothing
+def test_the_runner_refuses_what_would_run_nothing_or_hang(capsys, monkeypatch):
+    # --jobs 0 never started a run and waited for one forever; `run` with no name did nothing.
+    # Reaching the runner fails the test at once instead of hanging it (or starting a run).
+    monkeypatch.setattr(runs, "run_all", lambda *a: pytest.fail("the runner was reached"))
     for argv, why in [(["run", "--jobs", "0", "meml-grpo-s0"], "--jobs 0: at least 1"),
                       (["run"], "name the runs to run, or --all")]:
         with pytest.raises(SystemExit) as stop:
