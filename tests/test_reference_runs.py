@@ -348,3 +348,21 @@ def test_the_runner_refuses_what_would_run_nothing_or_hang(capsys, monkeypatch):
         with pytest.raises(SystemExit) as stop:
             runs.main(argv)
         assert stop.value.code == 2 and why in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_the_front_page_summary_says_what_the_committed_verdicts_say():
+    # README.md states the comparison's outcome in words; read the verdict cells of the committed
+    # reference README (dev-chosen, mean expert) so that a rerun that moves one fails here until
+    # the summary is rewritten
+    front = " ".join((REPO_ROOT / "README.md").read_text().split())
+    assert ("MEML-GRPO beats GRPO on the mean of its experts but is not shown ahead on the dev-chosen "
+            "expert (the paper's inference mode), nor its buffer ahead of" in front)
+    rows = {}
+    for line in (REPO_ROOT / "reference_runs" / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 7 and " − " in cells[0]:
+            rows.setdefault(cells[0], (cells[4], cells[6]))  # the primary table comes first
+    assert rows["MEML-GRPO − MoE-SFT-GRPO"] == ("not shown", "A better (Bonferroni: holds)")
+    assert rows["MEML-GRPO − MEML-GRPO buffer control"] == ("not shown", "not shown")
+    committed = (REPO_ROOT / "reference_runs" / "README.md").read_text()
+    assert "compares them (94 runs;" in front and "94 runs, code at" in committed
