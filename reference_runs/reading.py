@@ -12,7 +12,7 @@ RL stage that moves accuracy at all. Each is measured from the runs (or, for the
 the world itself) and judged against the threshold the issue that asked for it set. A check
 planned on several seeds is judged on their mean once all of them are in (the format check was at
 first judged on its first seed alone, which it failed; it has waited for its planned seeds since,
-as the GRPO check always did). The format check's row also shows how far apart the formats are
+as the GRPO check does). The format check's row also shows how far apart the formats are
 within each seed: every comparison of MoE methods below pairs methods that share the same three
 experts and formats, so a format's handicap falls on both sides of it; the single-expert rows
 are the ones that compare formats."""
