@@ -64,11 +64,11 @@ def premise_checks(groups) -> list[Check]:
                         + " / ".join(f"{pct(x)} %" for x in t["rates"]), t["overlap"] < 0.10))
     fmt = [groups.get(f"Expert{x}-SFT, no blind spot", []) for x in range(3)]
     if all(fmt):
-        means = [mean([r.final["accuracy"][0] for r in runs]) for runs in fmt]
-        fmt_seeds = min(len(runs) for runs in fmt)  # judged, like the GRPO gain, once every planned seed is in
+        by_seed = [{r.seed: r.final["accuracy"][0] for r in runs} for runs in fmt]  # per format
+        means = [mean(list(acc.values())) for acc in by_seed]
+        fmt_seeds = min(len(acc) for acc in by_seed)  # judged, like the GRPO gain, once every planned seed is in
         # judged on the means; each seed's own spread and lowest format are shown beside them, so a
         # reader sees how far one seed's formats differ and whether the same format is always last
-        by_seed = [{r.seed: r.final["accuracy"][0] for r in runs} for runs in fmt]
         shared = sorted(set.intersection(*(set(acc) for acc in by_seed)))
         spreads = [max(acc[s] for acc in by_seed) - min(acc[s] for acc in by_seed) for s in shared]
         lowest = [min(range(len(by_seed)), key=lambda x: by_seed[x][s]) for s in shared]

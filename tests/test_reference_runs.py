@@ -357,12 +357,12 @@ def test_the_front_page_summary_says_what_the_committed_verdicts_say():
     front = " ".join((REPO_ROOT / "README.md").read_text().split())
     assert ("MEML-GRPO beats GRPO on the mean of its experts but is not shown ahead on the dev-chosen "
             "expert (the paper's inference mode), nor its buffer ahead of" in front)
+    committed = (REPO_ROOT / "reference_runs" / "README.md").read_text()
     rows = {}
-    for line in (REPO_ROOT / "reference_runs" / "README.md").read_text().splitlines():
+    for line in committed.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
         if len(cells) == 7 and " − " in cells[0]:
             rows.setdefault(cells[0], (cells[4], cells[6]))  # the primary table comes first
     assert rows["MEML-GRPO − MoE-SFT-GRPO"] == ("not shown", "A better (Bonferroni: holds)")
     assert rows["MEML-GRPO − MEML-GRPO buffer control"] == ("not shown", "not shown")
-    committed = (REPO_ROOT / "reference_runs" / "README.md").read_text()
     assert "compares them (94 runs;" in front and "94 runs, code at" in committed
